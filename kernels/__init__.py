@@ -1,0 +1,1 @@
+"""Triton kernels for the hot path, each with a plain torch reference twin."""

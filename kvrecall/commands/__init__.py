@@ -1,0 +1,1 @@
+"""One module per ``kvrecall`` subcommand; each exposes ``register(subparsers)``."""

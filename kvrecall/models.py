@@ -1,0 +1,313 @@
+"""Model utilities: load a Hugging Face Llama-family model, capture its pre-RoPE Q/K/V, and rebuild caches.
+
+Everything in kvrecall works on one KV layout::
+
+    kv : Tensor[layers, 2, kv_heads, tokens, head_dim]    # index 0 = keys, 1 = values
+
+with **keys before RoPE** by default (see ``docs/design.md``). RoPE is applied again, at the true positions,
+when a cache is rebuilt for the model (:func:`kv_to_cache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+__all__ = [
+    "ModelError",
+    "ModelInfo",
+    "QKV",
+    "load_model",
+    "model_info",
+    "model_fingerprint",
+    "read_texts",
+    "tokenize",
+    "long_token_ids",
+    "rope_cos_sin",
+    "apply_rope",
+    "undo_rope",
+    "capture_qkv",
+    "prefill_kv",
+    "kv_to_cache",
+    "logits_with_context_kv",
+]
+
+
+class ModelError(ValueError):
+    """A model path, text folder or tensor given to the model utilities is unusable."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shape facts of a decoder model that the codec and retriever need."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA group size)."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class QKV:
+    """Pre-RoPE projections of one prefill, batch 1.
+
+    Attributes
+    ----------
+    q : Tensor[layers, heads, tokens, head_dim]
+    k : Tensor[layers, kv_heads, tokens, head_dim]
+    v : Tensor[layers, kv_heads, tokens, head_dim]
+    logits : Tensor[tokens, vocab]
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    logits: torch.Tensor
+
+    def kv(self) -> torch.Tensor:
+        """Stack keys and values as ``[layers, 2, kv_heads, tokens, head_dim]``."""
+        return torch.stack([self.k, self.v], dim=1)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load a causal LM and its tokenizer from a local folder (never from a hub).
+
+    Returns
+    -------
+    (model, tokenizer)
+        The model in eval mode on ``device``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"no model at {path}: config.json not found")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf_logging.disable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def model_info(model) -> ModelInfo:
+    """Read layer/head counts from a model's config."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return ModelInfo(cfg.num_hidden_layers, heads, kv_heads, head_dim, cfg.vocab_size)
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """A stable id for a model folder: SHA-256 over its config and weight files (hex, 16 chars).
+
+    Stable across processes and machines; changes when weights or config change.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ModelError(f"no model at {path}: config.json not found")
+    h.update(json.dumps(json.loads(cfg.read_text()), sort_keys=True).encode())
+    for weights in sorted(path.glob("*.safetensors")):
+        h.update(weights.name.encode())
+        with open(weights, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def read_texts(root: str | Path, limit: int | None = None, min_chars: int = 1) -> list[tuple[str, str]]:
+    """Read ``*.txt`` files under ``root`` (recursively, sorted by path).
+
+    Returns
+    -------
+    list of (name, text)
+        ``name`` is the path relative to ``root``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ModelError(f"text folder not found: {root}")
+    out = []
+    for p in sorted(root.rglob("*.txt")):
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if len(text) >= min_chars:
+            out.append((str(p.relative_to(root)), text))
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise ModelError(f"no .txt files under {root}")
+    return out
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of ``text`` (with BOS), truncated to ``max_tokens``. Shape ``[tokens]``, int64."""
+    ids = tokenizer(text).input_ids
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def long_token_ids(tokenizer, texts: Iterable[tuple[str, str]], n_tokens: int) -> torch.Tensor:
+    """Concatenate tokenized texts until ``n_tokens`` ids are collected (for long-context runs).
+
+    Raises
+    ------
+    ModelError
+        If the texts hold fewer than ``n_tokens`` tokens in total.
+    """
+    parts, total = [], 0
+    for _, text in texts:
+        ids = tokenize(tokenizer, text)
+        if parts:
+            ids = ids[1:]  # one BOS at the very start only
+        parts.append(ids)
+        total += len(ids)
+        if total >= n_tokens:
+            return torch.cat(parts)[:n_tokens]
+    raise ModelError(f"texts hold only {total} tokens, {n_tokens} requested")
+
+
+def rope_cos_sin(model, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own RoPE tables at ``positions``.
+
+    Parameters
+    ----------
+    positions : Tensor[tokens], int64
+
+    Returns
+    -------
+    cos, sin : Tensor[tokens, head_dim], float32
+    """
+    rotary = model.model.rotary_emb
+    probe = torch.zeros(1, dtype=torch.float32, device=positions.device)
+    cos, sin = rotary(probe, positions.reshape(1, -1))
+    return cos[0].float(), sin[0].float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x[..., tokens, head_dim]`` by the angles in ``cos``/``sin`` (``[tokens, head_dim]``)."""
+    xf = x.float()
+    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+
+def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`apply_rope` (rotation by the negative angles)."""
+    xf = x.float()
+    return (xf * cos - _rotate_half(xf) * sin).to(x.dtype)
+
+
+@torch.no_grad()
+def capture_qkv(model, input_ids: torch.Tensor) -> QKV:
+    """Run a prefill of ``input_ids`` (``[tokens]``) and capture every layer's pre-RoPE Q, K and V.
+
+    The projections are read from forward hooks on ``q_proj``/``k_proj``/``v_proj``, so they are exact
+    (no RoPE round trip).
+    """
+    if input_ids.ndim != 1 or input_ids.numel() == 0:
+        raise ModelError(f"input_ids must be a non-empty 1-D tensor, got shape {tuple(input_ids.shape)}")
+    info = model_info(model)
+    store: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+
+            def hook(_mod, _inp, out, key=(i, name)):
+                store[key] = out.detach()
+
+            hooks.append(getattr(attn, name).register_forward_hook(hook))
+    try:
+        device = next(model.parameters()).device
+        out = model(input_ids.reshape(1, -1).to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    t = input_ids.numel()
+
+    def heads(name: str, n: int) -> torch.Tensor:
+        return torch.stack(
+            [store[(i, name)][0].reshape(t, n, info.head_dim).transpose(0, 1) for i in range(info.num_layers)]
+        )
+
+    return QKV(
+        q=heads("q_proj", info.num_heads),
+        k=heads("k_proj", info.num_kv_heads),
+        v=heads("v_proj", info.num_kv_heads),
+        logits=out.logits[0].float(),
+    )
+
+
+def prefill_kv(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """KV of a prefill, keys before RoPE: ``Tensor[layers, 2, kv_heads, tokens, head_dim]``."""
+    return capture_qkv(model, input_ids).kv()
+
+
+def kv_to_cache(model, kv: torch.Tensor, start: int = 0, keys_pre_rope: bool = True):
+    """Build a transformers ``DynamicCache`` from ``kv`` (``[layers, 2, kv_heads, tokens, head_dim]``).
+
+    Keys stored before RoPE are rotated at positions ``start .. start + tokens - 1``.
+    """
+    from transformers import DynamicCache
+
+    info = model_info(model)
+    if kv.ndim != 5 or kv.shape[0] != info.num_layers or kv.shape[1] != 2:
+        raise ModelError(f"kv must be [layers={info.num_layers}, 2, kv_heads, tokens, head_dim], got {tuple(kv.shape)}")
+    if kv.shape[2] != info.num_kv_heads or kv.shape[4] != info.head_dim:
+        raise ModelError(
+            f"kv heads/head_dim {tuple(kv.shape[2::2])} do not match the model ({info.num_kv_heads}, {info.head_dim})"
+        )
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    kv = kv.to(device=device, dtype=dtype)
+    cache = DynamicCache(config=model.config)
+    if keys_pre_rope:
+        cos, sin = rope_cos_sin(model, torch.arange(start, start + kv.shape[3], device=device))
+    for layer in range(info.num_layers):
+        k = kv[layer, 0]
+        if keys_pre_rope:
+            k = apply_rope(k, cos.to(dtype), sin.to(dtype))
+        cache.update(k.unsqueeze(0).contiguous(), kv[layer, 1].unsqueeze(0).contiguous(), layer)
+    return cache
+
+
+@torch.no_grad()
+def logits_with_context_kv(model, kv: torch.Tensor, cont_ids: torch.Tensor, keys_pre_rope: bool = True) -> torch.Tensor:
+    """Logits of ``cont_ids`` (``[n]``) when the context is given only as its KV.
+
+    The continuation sits at positions ``tokens .. tokens + n - 1`` after the context.
+
+    Returns
+    -------
+    Tensor[n, vocab], float32
+    """
+    start = kv.shape[3]
+    cache = kv_to_cache(model, kv, keys_pre_rope=keys_pre_rope)
+    device = next(model.parameters()).device
+    ids = cont_ids.reshape(1, -1).to(device)
+    pos = torch.arange(start, start + ids.shape[1], device=device).reshape(1, -1)
+    out = model(ids, past_key_values=cache, position_ids=pos, use_cache=True)
+    return out.logits[0].float()

@@ -1,0 +1,44 @@
+"""`pip install .` and `pip install -e .` both expose every folder as ``kvrecall.<folder>`` from outside the repo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SUBPACKAGES = ["kvrecall", "kvrecall.encoder", "kvrecall.kvstore", "kvrecall.retriever", "kvrecall.kernels"]
+
+
+def _fresh_env(root: Path) -> Path:
+    """A bare venv that sees this environment's dependencies (not its kvrecall) through a .pth file."""
+    venv.EnvBuilder(with_pip=False).create(root)
+    py = root / "bin" / "python"
+    purelib = subprocess.run([py, "-c", "import sysconfig;print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (Path(purelib) / "deps.pth").write_text("\n".join(sorted(deps)) + "\n")
+    return py
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
+def test_install_imports_every_subpackage_from_outside(tmp_path, editable):
+    py = _fresh_env(tmp_path / "env")
+    cmd = [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    cmd += ["-e", str(REPO)] if editable else [str(REPO)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
+    probe = "import importlib,json;print(json.dumps({m: importlib.import_module(m).__file__ for m in %r}))" % SUBPACKAGES
+    out = subprocess.run([py, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    files = json.loads(out.stdout)
+    for mod, file in files.items():
+        inside_repo = Path(file).resolve().is_relative_to(REPO)
+        assert inside_repo == editable, f"{mod} imported from {file}"
+    assert files["kvrecall.encoder"].endswith(("encoder/__init__.py"))
+    entry = tmp_path / "env" / "bin" / "kvrecall"
+    assert entry.exists()
