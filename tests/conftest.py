@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run under the interpreter on machines without a GPU. The variable is read when a kernel is
+# decorated, so it must be set before any test module imports kvrecall.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KVRECALL_SHARED", REPO.parent / "shared"))
