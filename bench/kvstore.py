@@ -1,0 +1,359 @@
+"""Benchmark: kvstore Put/Get vs redis-server (redis-py SET/GET) vs in-process memcpy, side by side on loopback.
+
+Run from the repository root::
+
+    python bench/kvstore.py --quick --json bench/results/kvstore-quick.json
+
+The kvstore server runs as a separate process (``python -m kvrecall.cli serve``) with a RAM tier and a disk
+tier (fsync on: a Put is acknowledged only once durable) in a temporary directory; redis-server runs with
+persistence off. Clients are threads of this process, each with its own channel/connection. Every Get is
+checked byte for byte against the object that was stored, outside the timed region; the kvstore client also
+checks the CRC-32 end to end inside it (the ``kvstore-nocrc`` rows switch that off to show its cost,
+``kvstore-chunk=...`` rows sweep the chunk size, ``kvstore-aio`` rows read through the asyncio client (one event
+loop, a task per client), and ``kvstore-nofsync`` rows put to a second server started with ``--no-fsync`` to show
+what waiting for the disk costs). Latencies are per call. Throughput with one client is object size / median
+latency, so a few outliers on a shared machine do not swing it; with several clients it is all bytes moved / wall
+time of the run (``--verbose`` also prints the wall-based figure of single-client rows). Rows:
+``{"system", "op", "object_bytes", "clients", "GBps", "p50_ms", "p99_ms", "errors"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+MiB = 1 << 20
+VERBOSE = False
+
+
+def start_kvstore(store_dir: Path, chunk_bytes: int, fsync: bool = True):
+    """The kvstore server as a separate process (as deployed): RAM + disk tier, with fsync by default."""
+    from kvrecall.kvstore.testing import ServerProcess
+
+    args = ["--disk-dir", str(store_dir), "--ram-bytes", "2GiB", "--disk-bytes", "8GiB",
+            "--chunk-bytes", str(chunk_bytes), "--max-message-bytes", str(max(4 * MiB, chunk_bytes + MiB)),
+            "--log-level", "WARNING", "--drain", "0"] + ([] if fsync else ["--no-fsync"])
+    srv = ServerProcess(args).start()
+    return srv, srv.target
+
+
+def start_redis() -> tuple[subprocess.Popen | None, int]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None, 0
+    from kvrecall.kvstore.testing import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--proto-max-bulk-len", "1gb"], stdout=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return proc, port
+
+
+def run_clients(n_clients: int, ops_per_client: int, op_fn, make_client, check=None
+                ) -> tuple[float, list[float], int]:
+    """Run ``op_fn(client, client_index, op_index)`` concurrently and ``check(result, ci, i)`` untimed after each.
+
+    Returns the wall time of the whole run, all call latencies and the number of failed calls.
+    """
+    clients = [make_client() for _ in range(n_clients)]
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    barrier = threading.Barrier(n_clients + 1)
+
+    def worker(ci: int) -> None:
+        local = []
+        barrier.wait()
+        for i in range(ops_per_client):
+            t0 = time.perf_counter()
+            try:
+                result = op_fn(clients[ci], ci, i)
+                failed = False
+            except Exception as exc:  # counted, reported
+                print(f"error: {exc!r}", file=sys.stderr)
+                failed = True
+            local.append(time.perf_counter() - t0)
+            if not failed and check is not None:
+                failed = not check(result, ci, i)
+            if failed:
+                with lock:
+                    errors[0] += 1
+        with lock:
+            latencies.extend(local)
+
+    threads = [threading.Thread(target=worker, args=(ci,)) for ci in range(n_clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    for c in clients:
+        close = getattr(c, "close", None)
+        if close:
+            close()
+    return wall, latencies, errors[0]
+
+
+def run_async_clients(target: str, n_clients: int, ops_per_client: int, key_of, check, chunk: int
+                      ) -> tuple[float, list[float], int]:
+    """Like :func:`run_clients` for Gets through :class:`AsyncKVStoreClient`: one event loop, a task per client."""
+    import asyncio
+
+    from kvrecall.kvstore import AsyncKVStoreClient
+
+    async def main():
+        clients = [AsyncKVStoreClient(target, chunk_bytes=chunk, max_message_bytes=max(4 * MiB, chunk + MiB))
+                   for _ in range(n_clients)]
+        for c in clients:  # connect before timing
+            await c.exists([b"warm"])
+        latencies: list[float] = []
+        errors = 0
+
+        async def worker(ci: int) -> None:
+            nonlocal errors
+            for i in range(ops_per_client):
+                t0 = time.perf_counter()
+                try:
+                    result = await clients[ci].get(key_of(ci, i))
+                    ok = True
+                except Exception as exc:  # counted, reported
+                    print(f"error: {exc!r}", file=sys.stderr)
+                    ok = False
+                latencies.append(time.perf_counter() - t0)
+                if not (ok and check(result, ci, i)):
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(ci) for ci in range(n_clients)))
+        wall = time.perf_counter() - t0
+        for c in clients:
+            await c.close()
+        return wall, latencies, errors
+
+    return asyncio.run(main())
+
+
+def row(system, op, size, clients, wall, lat, errors, n_ops) -> dict:
+    """One result row. GBps: one client, object size / median call latency (robust to a loaded machine's
+    outliers); several clients, all bytes moved / wall time of the run (their aggregate)."""
+    lat_ms = np.array(lat) * 1000
+    p50 = float(np.percentile(lat_ms, 50))
+    mean_based = size * n_ops / wall / 1e9
+    if VERBOSE:
+        print(f"  {system} {op} {size} x{clients}: wall-based {mean_based:.3f} GB/s", file=sys.stderr)
+    gbps = size / (p50 / 1000) / 1e9 if clients == 1 else mean_based
+    return {"system": system, "op": op, "object_bytes": size, "clients": clients,
+            "GBps": round(gbps, 3), "p50_ms": round(p50, 3),
+            "p99_ms": round(float(np.percentile(lat_ms, 99)), 3), "errors": errors}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer operations (< 60 s)")
+    ap.add_argument("--json", type=Path, default=None, help="write rows here (and a PNG plot beside it)")
+    ap.add_argument("--sizes", default="1MiB,8MiB", help="object sizes")
+    ap.add_argument("--clients", default="1,16", help="client counts")
+    ap.add_argument("--chunk-bytes", default="1MiB", help="kvstore Put/Get chunk size (64KiB..1MiB)")
+    ap.add_argument("--verbose", action="store_true", help="also print wall-based throughput per row")
+    args = ap.parse_args()
+    global VERBOSE
+    VERBOSE = args.verbose
+    load_at_start = os.getloadavg()[0]
+
+    from kvrecall.config import parse_bytes
+    from kvrecall.kvstore import KVStoreClient
+
+    sizes = [parse_bytes(s) for s in args.sizes.split(",")]
+    client_counts = [int(c) for c in args.clients.split(",")]
+    chunk = parse_bytes(args.chunk_bytes)
+    budget_bytes = 160 * MiB if args.quick else 768 * MiB  # bytes per (config): sets the op count
+
+    rng = random.Random(0)
+    n_objects = 4
+    objects = {size: [rng.randbytes(size) for _ in range(n_objects)] for size in sizes}
+    tmp = Path(tempfile.mkdtemp(prefix="kvstore-bench-"))
+    kv_proc, target = start_kvstore(tmp / "store", chunk)
+    nofsync_proc, nofsync_target = start_kvstore(tmp / "store-nofsync", chunk, fsync=False)
+    redis_proc, redis_port = start_redis()
+    rows: list[dict] = []
+    configs = [(s, c) for s in sizes for c in client_counts]
+    try:
+        import redis
+
+        bar = tqdm(total=len(configs) * (5 if redis_proc else 3), desc="kvstore bench", file=sys.stderr)
+        for size, n_clients in configs:
+            ops = max(3, min(60, budget_bytes // size // n_clients))
+            objs = objects[size]
+
+            def kv_client(verify=True, chunk_bytes=chunk):
+                return KVStoreClient(target, chunk_bytes=chunk_bytes, verify=verify,
+                                     max_message_bytes=max(4 * MiB, chunk_bytes + MiB))
+
+            def kv_put(c, ci, i, size=size, objs=objs):
+                return c.put(b"bench/%d/%d/%d" % (size, ci, i % 8), objs[(ci + i) % n_objects])
+
+            wall, lat, err = run_clients(n_clients, ops, kv_put, kv_client, check=lambda r, ci, i: "ram" in r)
+            rows.append(row("kvstore", "put", size, n_clients, wall, lat, err, ops * n_clients))
+            if n_clients == 1:  # the same Puts without fsync: how much of a Put is waiting for the disk
+                wall, lat, err = run_clients(n_clients, ops, kv_put, lambda: KVStoreClient(nofsync_target),
+                                             check=lambda r, ci, i: "ram" in r)
+                rows.append(row("kvstore-nofsync", "put", size, n_clients, wall, lat, err, ops * n_clients))
+            bar.update()
+            with kv_client() as c:
+                for j, obj in enumerate(objs):
+                    c.put(b"bench/get/%d/%d" % (size, j), obj)
+
+            def kv_get(c, ci, i, size=size):
+                return c.get(b"bench/get/%d/%d" % (size, (ci + i) % n_objects))
+
+            def same(result, ci, i, objs=objs):
+                return result is not None and result == objs[(ci + i) % n_objects]
+
+            variants = [("kvstore", {})]
+            if size == 8 * MiB and n_clients == 1:
+                variants.append(("kvstore-nocrc", {"verify": False}))
+                variants += [(f"kvstore-chunk={cb // 1024}KiB", {"chunk_bytes": cb})
+                             for cb in (64 * 1024, 256 * 1024) if cb != chunk]
+            for system, kw in variants:
+                wall, lat, err = run_clients(n_clients, ops, kv_get, lambda kw=kw: kv_client(**kw), check=same)
+                rows.append(row(system, "get", size, n_clients, wall, lat, err, ops * n_clients))
+            def get_key(ci, i, size=size):
+                return b"bench/get/%d/%d" % (size, (ci + i) % n_objects)
+
+            wall, lat, err = run_async_clients(target, n_clients, ops, get_key, same, chunk)
+            rows.append(row("kvstore-aio", "get", size, n_clients, wall, lat, err, ops * n_clients))
+            bar.update()
+
+            if redis_proc is not None:
+                def rd_client():
+                    return redis.Redis(port=redis_port, socket_timeout=60)
+
+                def rd_set(c, ci, i, size=size, objs=objs):
+                    return c.set(b"bench/%d/%d/%d" % (size, ci, i % 8), objs[(ci + i) % n_objects])
+
+                wall, lat, err = run_clients(n_clients, ops, rd_set, rd_client, check=lambda r, ci, i: bool(r))
+                rows.append(row("redis-py", "put", size, n_clients, wall, lat, err, ops * n_clients))
+                bar.update()
+                rc = rd_client()
+                for j, obj in enumerate(objs):
+                    rc.set(b"bench/get/%d/%d" % (size, j), obj)
+                rc.close()
+
+                def rd_get(c, ci, i, size=size):
+                    return c.get(b"bench/get/%d/%d" % (size, (ci + i) % n_objects))
+
+                wall, lat, err = run_clients(n_clients, ops, rd_get, rd_client, check=same)
+                rows.append(row("redis-py", "get", size, n_clients, wall, lat, err, ops * n_clients))
+                bar.update()
+
+            arrays = [np.frombuffer(o, dtype=np.uint8) for o in objs]
+
+            def memcpy(c, ci, i, arrays=arrays):
+                np.copyto(c, arrays[(ci + i) % n_objects])
+
+            wall, lat, err = run_clients(n_clients, ops, memcpy, lambda size=size: np.empty(size, np.uint8))
+            for op in ("put", "get"):
+                rows.append(row("memcpy", op, size, n_clients, wall, lat, err, ops * n_clients))
+            bar.update()
+        bar.close()
+    finally:
+        kv_proc.terminate()
+        nofsync_proc.terminate()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    header = (f"{'system':<21} {'op':<4} {'object':>8} {'clients':>7} {'GB/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'errors':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['system']:<21} {r['op']:<4} {r['object_bytes'] // MiB:>5} MiB {r['clients']:>7} {r['GBps']:>7.3f} "
+              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}")
+    verdicts = check_targets(rows)
+    for line in verdicts:
+        print(line)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"chunk_bytes": chunk, "quick": args.quick, "cpu_count": os.cpu_count(),
+                "load_average_1m_start_end": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
+                "GBps": "1 client: object_bytes / median latency; N clients: bytes moved / wall time",
+                "note": "loopback; server in a separate process; clients are threads of the bench process"}
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "targets": verdicts}, indent=1) + "\n")
+        plot(rows, args.json.with_suffix(".png"))
+        print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
+    return 0
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    def find(system, op, size, clients):
+        return next((r for r in rows if (r["system"], r["op"], r["object_bytes"], r["clients"]) ==
+                     (system, op, size, clients)), None)
+
+    out = []
+    kv = find("kvstore", "get", 8 * MiB, 1)
+    rd = find("redis-py", "get", 8 * MiB, 1)
+    if kv is not None:
+        out.append(f"target kvstore get 8 MiB x1 >= 1 GB/s: {kv['GBps']:.3f} GB/s -> "
+                   f"{'met' if kv['GBps'] >= 1.0 else 'MISSED'}")
+        if rd is not None:
+            out.append(f"target kvstore get 8 MiB x1 >= redis-py GET: {kv['GBps']:.3f} vs {rd['GBps']:.3f} GB/s -> "
+                       f"{'met' if kv['GBps'] >= rd['GBps'] else 'MISSED'}")
+    errs = sum(r["errors"] for r in rows if r["system"].startswith("kvstore"))
+    out.append(f"target zero kvstore errors: {errs} -> {'met' if errs == 0 else 'MISSED'}")
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    configs = sorted({(r["op"], r["object_bytes"], r["clients"]) for r in rows})
+    systems = ["kvstore", "redis-py", "memcpy"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.27
+    for k, system in enumerate(systems):
+        vals = [next((r["GBps"] for r in rows if r["system"] == system and
+                      (r["op"], r["object_bytes"], r["clients"]) == c), 0.0) for c in configs]
+        ax.bar(np.arange(len(configs)) + (k - 1) * width, vals, width, label=system)
+    ax.set_xticks(np.arange(len(configs)))
+    ax.set_xticklabels([f"{op} {size // MiB}MiB x{n}" for op, size, n in configs], rotation=30, ha="right")
+    ax.set_ylabel("GB/s")
+    ax.set_yscale("log")
+    ax.set_title("kvstore (RAM + disk, fsync) vs redis-py (no persistence) vs in-process memcpy, loopback")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
