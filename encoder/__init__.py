@@ -1,1 +1,48 @@
-"""CacheGen-style KV codec: per-layer-group quantization, delta coding and rANS entropy coding."""
+"""CacheGen-style KV codec: per-channel uniform quantization with per-layer-group steps, optional delta coding
+along tokens, and static-table rANS over many independent streams.
+
+Public API::
+
+    encode(kv, profile=None, level="medium") -> bytes            # kv: Tensor[L, 2, H, T, D], keys pre-RoPE
+    encode_many(kvs, profile=None, level="medium") -> list[bytes] # same bytes, streams of all chunks in one loop
+    decode(data, profile=None, device="cpu", dtype=None) -> Tensor[L, 2, H, T, D]
+    decode_many(chunks, profile=None, ...) -> list[Tensor]        # all streams of all chunks in one loop
+    decode_symbols(data, profile=None) -> QuantizedKV             # integer symbols + steps, no dequantization
+    quantize(kv, profile=None, level=...) -> QuantizedKV ; dequantize(q) -> Tensor
+    CodecProfile.calibrate(kv_samples, model_id) ; profile.save(path) ; CodecProfile.load(path)
+    parse_header(data) -> ChunkHeader ; LEVELS ; CodecError
+
+Guarantee: ``decode(encode(x, p, lvl), p) == dequantize(quantize(x, p, lvl))`` exactly.
+The bitstream is specified in ``docs/format.md``.
+"""
+
+from kvrecall.encoder.codec import (
+    decode,
+    decode_many,
+    decode_many_symbols,
+    decode_symbols,
+    encode,
+    encode_many,
+    quantize,
+)
+from kvrecall.encoder.errors import CodecError
+from kvrecall.encoder.format import ChunkHeader, parse_header
+from kvrecall.encoder.profile import CodecProfile
+from kvrecall.encoder.quantize import LEVELS, QuantizedKV, dequantize
+
+__all__ = [
+    "CodecError",
+    "CodecProfile",
+    "ChunkHeader",
+    "LEVELS",
+    "QuantizedKV",
+    "encode",
+    "encode_many",
+    "decode",
+    "decode_many",
+    "decode_many_symbols",
+    "decode_symbols",
+    "quantize",
+    "dequantize",
+    "parse_header",
+]

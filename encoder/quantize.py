@@ -1,0 +1,144 @@
+"""Uniform scalar quantization of KV tensors with per-channel steps and per-layer-group bit allocation.
+
+Every element ``x[l, kv, h, t, d]`` becomes an integer symbol::
+
+    q = clamp(round((x - offset[l, kv, h, d]) / step[l, kv, h, d]), -32767, 32767)      (int16)
+    x_hat = q * step[l, kv, h, d] + offset[l, kv, h, d]
+
+The step is the same for every token (no per-token scales to ship): with an entropy coder behind it, a fixed
+step per channel gives the lowest error for a given number of bits, and outliers just cost more bits (or an
+escape). Steps come from a calibrated :class:`~kvrecall.encoder.profile.CodecProfile` or, without one, from
+statistics of the chunk itself (stored in the chunk).
+
+A *level* scales all steps; early layers get finer steps than late ones (CacheGen's observation that errors in
+early layers hurt most). :data:`LEVELS` lists the names from finest to coarsest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvrecall.encoder.errors import CodecError
+
+__all__ = [
+    "LEVELS",
+    "LEVEL_STEP",
+    "QuantizedKV",
+    "level_index",
+    "layer_step_factors",
+    "check_kv",
+    "quantize_with",
+    "dequantize",
+    "SYMBOL_LIMIT",
+]
+
+#: Quality levels, finest first.
+LEVELS: tuple[str, ...] = ("high", "medium-high", "medium", "medium-low", "low", "lowest")
+
+#: Base step of each level, in units of the layer's RMS (keys and values separately); about half a bit per element
+#: between neighbours (bits ~ -log2(step)).
+LEVEL_STEP: dict[str, float] = {
+    "high": 0.25,
+    "medium-high": 0.35,
+    "medium": 0.5,
+    "medium-low": 0.65,
+    "low": 1.0,
+    "lowest": 1.4,
+}
+
+SYMBOL_LIMIT = 32767  # quantized symbols are clamped to [-SYMBOL_LIMIT, SYMBOL_LIMIT] (int16)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def level_index(level: str | int) -> int:
+    """Index of ``level`` (a name from :data:`LEVELS`, or an index) in :data:`LEVELS`."""
+    if isinstance(level, (int, np.integer)) and not isinstance(level, bool):
+        if 0 <= int(level) < len(LEVELS):
+            return int(level)
+    elif isinstance(level, str) and level in LEVELS:
+        return LEVELS.index(level)
+    raise CodecError(f"unknown codec level {level!r}; choose one of {', '.join(LEVELS)}")
+
+
+def layer_step_factors(num_layers: int) -> np.ndarray:
+    """Per-layer step multipliers: the first third of the layers 0.6x, the middle third 1x, the last third 1.25x.
+
+    Returns
+    -------
+    ndarray[num_layers], float64
+    """
+    pos = (np.arange(num_layers) + 0.5) / max(num_layers, 1)
+    return np.where(pos < 1 / 3, 0.6, np.where(pos < 2 / 3, 1.0, 1.25))
+
+
+@dataclass
+class QuantizedKV:
+    """The working form of a chunk: integer symbols plus the steps/offsets that turn them back into values.
+
+    Attributes
+    ----------
+    symbols : Tensor[L, 2, H, T, D], int16
+        Quantized values.
+    step, offset : Tensor[L, 2, H, D], float32
+        ``x_hat = symbols * step[..., None, :] + offset[..., None, :]``.
+    dtype : torch.dtype
+        dtype of the tensor that was quantized (and that :func:`dequantize` returns by default).
+    level : str
+        Name from :data:`LEVELS`.
+    profile_id : str or None
+        Id of the profile that supplied steps/offsets, None when they came from the chunk itself.
+    keys_pre_rope : bool
+        Whether the keys are stored before RoPE (the default form).
+    """
+
+    symbols: torch.Tensor
+    step: torch.Tensor
+    offset: torch.Tensor
+    dtype: torch.dtype
+    level: str
+    profile_id: str | None = None
+    keys_pre_rope: bool = True
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.symbols.shape)
+
+
+def check_kv(kv: torch.Tensor) -> None:
+    """Raise :class:`CodecError` unless ``kv`` is a finite ``[L, 2, H, T>=1, D]`` fp32/fp16/bf16 tensor."""
+    if not isinstance(kv, torch.Tensor):
+        raise CodecError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    if kv.ndim != 5 or kv.shape[1] != 2:
+        raise CodecError(f"kv must have shape [layers, 2, kv_heads, tokens, head_dim], got {tuple(kv.shape)}")
+    if min(kv.shape) < 1:
+        raise CodecError(f"kv has an empty dimension: {tuple(kv.shape)}")
+    if kv.dtype not in _DTYPES:
+        raise CodecError(f"kv dtype must be float32, float16 or bfloat16, got {kv.dtype}")
+    if max(kv.shape[0], kv.shape[2], kv.shape[4]) > 65535 or kv.shape[3] > 2**31 - 1:
+        raise CodecError(f"kv shape {tuple(kv.shape)} exceeds the format's limits")
+    if not bool(torch.isfinite(kv).all()):
+        raise CodecError("kv contains NaN or infinite values")
+
+
+def quantize_with(
+    kv: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, level: str, profile_id: str | None, keys_pre_rope: bool
+) -> QuantizedKV:
+    """Quantize ``kv`` ``[L, 2, H, T, D]`` with the given ``step``/``offset`` ``[L, 2, H, D]`` (float32)."""
+    x = kv.detach().to("cpu", torch.float32)
+    st = step.to(torch.float32)[:, :, :, None, :]
+    off = offset.to(torch.float32)[:, :, :, None, :]
+    q = torch.round((x - off) / st).clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT).to(torch.int16)
+    return QuantizedKV(q, step.to(torch.float32), offset.to(torch.float32), kv.dtype, level, profile_id, keys_pre_rope)
+
+
+def dequantize(q: QuantizedKV, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Values of a :class:`QuantizedKV`: ``Tensor[L, 2, H, T, D]`` in ``dtype`` (default: the original dtype)."""
+    step = q.step.to(torch.float32).numpy()[:, :, :, None, :]
+    offset = q.offset.to(torch.float32).numpy()[:, :, :, None, :]
+    x = np.multiply(q.symbols.numpy(), step, dtype=np.float32)  # numpy: single-threaded, no torch thread contention
+    x += offset
+    return torch.from_numpy(x).to(device=device, dtype=dtype or q.dtype)
