@@ -102,7 +102,7 @@ class ContextCache:
         token_ids : Tensor[tokens]
         kv : Tensor[layers, 2, kv_heads, tokens, head_dim], keys before RoPE
         """
-        from kvrecall.encoder import encode
+        from kvrecall.encoder import encode_many
 
         if token_ids.ndim != 1 or kv.ndim != 5 or kv.shape[3] != token_ids.numel():
             raise ContextCacheError(
@@ -110,20 +110,15 @@ class ContextCache:
             )
         keys = self.keys(token_ids)
         present = self.client.exists(keys).present if keys else []
-        encode_s = put_s = 0.0
-        written = stored = 0
-        for i, (key, have) in enumerate(zip(keys, present)):
-            if have:
-                continue
-            t0 = time.perf_counter()
-            blob = encode(kv[:, :, :, i * self.chunk_tokens : (i + 1) * self.chunk_tokens], self.profile, self.level)
-            t1 = time.perf_counter()
-            self.client.put(key, blob)
-            put_s += time.perf_counter() - t1
-            encode_s += t1 - t0
-            written += len(blob)
-            stored += 1
-        return StoreResult(len(keys), stored, written, encode_s, put_s)
+        missing = [i for i, have in enumerate(present) if not have]
+        c = self.chunk_tokens
+        t0 = time.perf_counter()
+        blobs = encode_many([kv[:, :, :, i * c : (i + 1) * c] for i in missing], self.profile, self.level)
+        t1 = time.perf_counter()
+        for i, blob in zip(missing, blobs):
+            self.client.put(keys[i], blob)
+        put_s = time.perf_counter() - t1
+        return StoreResult(len(keys), len(missing), sum(map(len, blobs)), t1 - t0, put_s)
 
     def load(self, token_ids: torch.Tensor, dtype: torch.dtype | None = None) -> LoadResult:
         """Fetch and decode the longest stored prefix of ``token_ids`` (``[tokens]``).
