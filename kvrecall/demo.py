@@ -122,14 +122,17 @@ def _codec_and_store(cfg: DemoConfig, model, tok, texts, model_id: str) -> dict:
 def _retrieval(cfg: DemoConfig, model, tok, texts, model_id: str) -> dict:
     from kvrecall.models import capture_qkv, long_token_ids, logits_with_context_kv, model_info
     from kvrecall.retriever import calibrate, sparse_decode_logits
-    from kvrecall.retriever.baselines import IndexMethod, OracleMethod
+    from kvrecall.retriever.baselines import IndexMethod, OracleMethod, StreamingMethod
     from kvrecall.retriever.rope_window import model_rope_parameters
 
-    n_calib = 10240  # >= 39 points per centroid for FAISS k-means with 256 centroids
+    n_calib = 40960  # >= 39 training points per centroid for FAISS k-means (1,024 centroids)
     calib_ids = long_token_ids(tok, texts[::-1], n_calib)  # disjoint from the evaluation text's start
     ids = long_token_ids(tok, texts, cfg.retrieval_tokens)
     t0 = time.perf_counter()
-    profile = calibrate(model, calib_ids, model_id=model_id, kind="pq", m=2, bits=8, progress=False)
+    # "positional" scoring: pre-RoPE VQ codes scored at their true positions (docs/retriever.md explains why the
+    # A²ATS windowed approximation loses on these models).
+    profile = calibrate(model, calib_ids, model_id=model_id, kind="vq", bits=10, rope_mode="positional",
+                        progress=False)
     calib_s = time.perf_counter() - t0
     n = cfg.retrieval_positions
     ctx, cont = ids[:-n], ids[-n:]
@@ -138,7 +141,7 @@ def _retrieval(cfg: DemoConfig, model, tok, texts, model_id: str) -> dict:
     inv_freq, scaling = model_rope_parameters(model)
     info = model_info(model)
     rows = [
-        ("retriever profile", f"query-aware PQ, {profile.bits_per_key} bits/key, calibrated on {n_calib:,} tokens "
+        ("retriever profile", f"query-aware VQ, {profile.bits_per_key} bits/key, calibrated on {n_calib:,} tokens "
                               f"({calib_s:.1f} s)"),
         ("context", f"{ctx.numel():,} tokens; {n} positions decoded teacher-forced, every layer sparse"),
         ("budget", f"{cfg.retrieval_budget:.0%} top-k + 8 sinks + 64 recent tokens per KV head"),
@@ -147,6 +150,7 @@ def _retrieval(cfg: DemoConfig, model, tok, texts, model_id: str) -> dict:
     methods = {
         "query-aware VQ": IndexMethod(profile),
         "oracle top-k": OracleMethod(inv_freq, scaling, info.group_size, info.head_dim),
+        "StreamingLLM": StreamingMethod(info.group_size),
     }
     for name, method in methods.items():
         t0 = time.perf_counter()
