@@ -44,7 +44,9 @@ class RedisProcess:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--protected-mode", "no", "--dir", self.workdir]
         if self.cluster:
-            args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf"]
+            # The cluster bus defaults to port + 10000, invalid for ports above 55535: give it its own free port.
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf",
+                     "--cluster-port", str(free_port())]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout
