@@ -32,7 +32,11 @@ check-stubs: $(STAMP)
 	$(PY) -m kvrecall.kvstore.stubs --check
 
 bench-quick: $(STAMP)
-	cd bench && ../$(PY) codec.py --quick --json results/codec-quick.json
+	$(PY) bench/codec.py --quick --json bench/results/codec-quick.json
+	$(PY) bench/rans_native.py --quick --json bench/results/rans-native-quick.json
+	$(PY) bench/kvstore.py --quick --json bench/results/kvstore-quick.json
+	$(PY) bench/retrieval.py --quick --json bench/results/retrieval-quick.json
+	$(PY) bench/kernels.py --quick --json bench/results/kernels-cpu-quick.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
