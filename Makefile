@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@# Reuse an installed torch; otherwise take the pinned CPU build (never a CUDA one by accident).
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q "setuptools>=74" wheel
 	$(PY) -m pip install -q -e ".[cpu,test,bench]"
 	@touch $(STAMP)
 

@@ -21,8 +21,11 @@ def _fresh_env(root: Path) -> Path:
     py = root / "bin" / "python"
     purelib = subprocess.run([py, "-c", "import sysconfig;print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
-    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    (Path(purelib) / "deps.pth").write_text("\n".join(sorted(deps)) + "\n")
+    # Every site directory of this interpreter: the venv's own and, with --system-site-packages, the system's.
+    # In sys.path order, so the venv's packages (setuptools among them) win over the system's.
+    deps = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    deps += [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    (Path(purelib) / "deps.pth").write_text("\n".join(dict.fromkeys(deps)) + "\n")
     return py
 
 
