@@ -155,3 +155,29 @@ def test_crc32_combine_matches_crc_of_concatenation(a, b):
     from kvrecall.kvstore.crc import crc32_combine, crc32_of
 
     assert crc32_combine(crc32_of(a), crc32_of(b), len(b)) == crc32_of(a + b)
+
+
+@given(data=st.binary(max_size=5000), start=st.integers(0, 2**32 - 1))
+def test_crc32_of_equals_zlib_crc32_whatever_the_backend(data, start):
+    """The fast backend (ISA-L) must give zlib's CRC-32: disk files and Redis entries store that value."""
+    import zlib
+
+    from kvrecall.kvstore.crc import crc32_of
+
+    assert crc32_of(data, start) == zlib.crc32(data, start)
+    assert crc32_of(memoryview(bytearray(data)), start) == zlib.crc32(data, start)
+
+
+@given(a=st.binary(max_size=3000), b=st.binary(min_size=1, max_size=3000))
+def test_pure_python_crc32_combine_fallback(a, b):
+    """Without ISA-L the GF(2) matrix path combines CRCs; it must agree with zlib."""
+    import zlib
+
+    from kvrecall.kvstore import crc
+
+    saved = crc._native_combine
+    crc._native_combine = None
+    try:
+        assert crc.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    finally:
+        crc._native_combine = saved
