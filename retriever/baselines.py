@@ -141,7 +141,22 @@ class QuestMethod:
         return select_from_scores(token_scores, self.store.group, pages_k, sinks, window)
 
 
-class StreamingMethod:
+class _LengthOnly:
+    """Bookkeeping of methods that need only each layer's context length, never the keys themselves."""
+
+    _lengths: list[int]
+
+    def reset(self, keys):
+        self._lengths = [keys.shape[2]] * keys.shape[0]
+
+    def append(self, layer, keys):
+        self._lengths[layer] += keys.shape[1]
+
+    def length(self, layer):
+        return self._lengths[layer]
+
+
+class StreamingMethod(_LengthOnly):
     """StreamingLLM: the sinks plus a recent window enlarged by the whole top-k allowance (``group * k``)."""
 
     name = "streamingllm"
@@ -151,15 +166,6 @@ class StreamingMethod:
         self.group = group
         self._lengths: list[int] = []
 
-    def reset(self, keys):
-        self._lengths = [keys.shape[2]] * keys.shape[0]
-
-    def append(self, layer, keys):
-        self._lengths[layer] += keys.shape[1]
-
-    def length(self, layer):
-        return self._lengths[layer]
-
     def select(self, layer, q, k, sinks=8, window=64, length=None) -> Selection:
         t = self.length(layer) if length is None else length
         fixed = fixed_token_mask(t, sinks, window + self.group * k)
@@ -167,7 +173,7 @@ class StreamingMethod:
         return union_select(torch.zeros(b, hq, t, dtype=torch.bool), self.group, fixed)
 
 
-class RandomMethod:
+class RandomMethod(_LengthOnly):
     """Random top-k per query head (plus sinks and window): the floor any method must beat."""
 
     name = "random"
@@ -177,15 +183,6 @@ class RandomMethod:
         self.group = group
         self.gen = torch.Generator().manual_seed(seed)
         self._lengths: list[int] = []
-
-    def reset(self, keys):
-        self._lengths = [keys.shape[2]] * keys.shape[0]
-
-    def append(self, layer, keys):
-        self._lengths[layer] += keys.shape[1]
-
-    def length(self, layer):
-        return self._lengths[layer]
 
     def select(self, layer, q, k, sinks=8, window=64, length=None) -> Selection:
         t = self.length(layer) if length is None else length
