@@ -146,7 +146,7 @@ class ContextCache:
             blobs = blobs[:n]
             if n == 0:
                 return LoadResult(0, None, 0, {"exists_s": t1 - t0, "get_s": t2 - t1})
-        chunks = decode_many([bytes(b) for b in blobs], self.profile, dtype=dtype)
+        chunks = decode_many(blobs, self.profile, dtype=dtype)  # views into one fetch buffer, no copy
         kv = torch.cat(chunks, dim=3)
         t3 = time.perf_counter()
         return LoadResult(
