@@ -121,7 +121,8 @@ class LayerInputs:
 
 def make_inputs(batch, q_heads, kv_heads, tokens, dim, dtype, device, centroids=4096, m=1) -> LayerInputs:
     """Random inputs of one layer, generated on ``device`` (no host round trip for 17 GB of 128K x 32 KV)."""
-    from kvrecall.kernels.rope import RopeSpec, rope_tables_for
+    from kvrecall.kernels.rope import RopeSpec
+    from kvrecall.models import rope_tables
 
     g = torch.Generator(device=device).manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)  # noqa: E731
@@ -132,7 +133,7 @@ def make_inputs(batch, q_heads, kv_heads, tokens, dim, dtype, device, centroids=
     code_dtype = torch.int16 if centroids <= 32768 else torch.int32
     codes = torch.randint(0, centroids, (kv_heads, tokens, m), generator=g, device=device, dtype=code_dtype)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    rope = RopeSpec.from_tables(*rope_tables_for(inv_freq, tokens)).to(device)
+    rope = RopeSpec.from_tables(*rope_tables(inv_freq, torch.arange(tokens))).to(device)
     return LayerInputs(q, k, v, codebooks, codes, rope, q_heads // kv_heads)
 
 

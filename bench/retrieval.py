@@ -30,10 +30,10 @@ def build_methods(model, path, cal_ids, specs, niter, progress):
     from kvrecall.models import model_fingerprint, model_info
     from kvrecall.retriever.baselines import IndexMethod, OracleMethod, QuestMethod, RandomMethod, StreamingMethod
     from kvrecall.retriever.calibrate import calibrate, collect_qk
-    from kvrecall.retriever.rope_window import model_rope_parameters
+    from kvrecall.models import rope_parameters
 
     info = model_info(model)
-    inv, sc = model_rope_parameters(model)
+    inv, sc = rope_parameters(model)
     fp = model_fingerprint(path)
     methods = []
     chunk = min(int(model.config.max_position_embeddings), 1024)

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from kvrecall.kernels.common import KernelInputError, KernelShapeError, check_tensor
+from kvrecall.models import rope_tables
 
-__all__ = ["RopeSpec", "rope_tables_for"]
+__all__ = ["RopeSpec"]
 
 
 @dataclass(frozen=True)
@@ -101,22 +102,13 @@ class RopeSpec:
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full rotate-half tables ``[..., D]`` float32 at token indices ``positions`` (offset added here)."""
         pos = positions.long() + self.position_offset
-        if self.cos_half is not None:
-            cos, sin = self.cos_half[pos], self.sin_half[pos]
-        else:
-            angle = pos.float()[..., None] * self.inv_freq
-            cos = torch.cos(angle) * self.attention_scaling
-            sin = torch.sin(angle) * self.attention_scaling
+        if self.cos_half is None:
+            cos, sin = rope_tables(self.inv_freq, pos, self.attention_scaling)
+            return cos.reshape(*pos.shape, -1), sin.reshape(*pos.shape, -1)
+        cos, sin = self.cos_half[pos], self.sin_half[pos]
         return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
 
 
 def _check_offset(position_offset: int) -> None:
     if int(position_offset) < 0:
         raise KernelInputError(f"position_offset must be >= 0, got {position_offset}")
-
-
-def rope_tables_for(inv_freq: torch.Tensor, positions: int, attention_scaling: float = 1.0):
-    """``[positions, D]`` rotate-half cos/sin tables from ``inv_freq`` (test and bench helper)."""
-    angle = torch.arange(positions, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()
-    emb = torch.cat((angle, angle), dim=-1)
-    return emb.cos() * attention_scaling, emb.sin() * attention_scaling

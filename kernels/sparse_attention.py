@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvrecall.models import apply_rope
 from kvrecall.kernels.common import (
     FLOAT_DTYPES,
     KernelIndexError,
@@ -455,9 +456,7 @@ def sparse_decode_attention_reference(
     values = torch.gather(v.float(), 2, gather)
     if rope is not None:
         cos, sin = rope.cos_sin(tok)
-        half = d // 2
-        rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-        keys = keys * cos + rotated * sin
+        keys = apply_rope(keys, cos, sin)
     scale = (1.0 / math.sqrt(d)) if sm_scale is None else float(sm_scale)
     qg = q.float().reshape(b, hkv, group, d)
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys) * scale

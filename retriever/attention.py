@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 from kvrecall.retriever.errors import RetrieverError
-from kvrecall.retriever.rope_window import model_rope_parameters, unrotate
+from kvrecall.models import rope_parameters
+from kvrecall.retriever.rope_window import unrotate
 from kvrecall.retriever.selection import Selection, resolve_budget, selection_mask
 
 __all__ = ["sparse_attention", "sparse_attention_mode", "sparse_decode_logits", "ATTENTION_NAME"]
@@ -112,7 +113,7 @@ def sparse_decode_logits(
     """
     from kvrecall.models import kv_to_cache
 
-    inv_freq, scaling = model_rope_parameters(model)
+    inv_freq, scaling = rope_parameters(model)
     method.reset(kv[:, 0].float())
     cache = kv_to_cache(model, kv)
     t0 = kv.shape[3]

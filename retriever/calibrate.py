@@ -8,7 +8,8 @@ from kvrecall.retriever.codebooks import check_codebook_settings, train_codebook
 from kvrecall.retriever.errors import RetrieverError
 from kvrecall.retriever.profile import RetrieverProfile, RetrieverSettings
 from kvrecall.retriever.query_aware import cholesky_transforms, identity_transforms, query_covariance
-from kvrecall.retriever.rope_window import model_rope_parameters, rotate, windowed_query
+from kvrecall.models import rope_parameters
+from kvrecall.retriever.rope_window import rotate, windowed_query
 
 __all__ = ["collect_qk", "calibrate"]
 
@@ -89,7 +90,7 @@ def calibrate(
         raise RetrieverError(f"rope_mode must be 'windowed', 'absolute' or 'positional', got {rope_mode!r}")
     if ids.ndim != 1 or ids.numel() < (1 << bits):
         raise RetrieverError(f"need at least {1 << bits} calibration tokens for {bits}-bit codebooks, got {ids.numel()}")
-    inv_freq, scaling = model_rope_parameters(model)
+    inv_freq, scaling = rope_parameters(model)
     max_pos = int(getattr(model.config, "max_position_embeddings", 1024) or 1024)
     chunk = chunk or min(max_pos, 1024)
     if qk is None:

@@ -14,35 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from kvrecall.models import apply_rope, undo_rope
+from kvrecall.models import apply_rope, rope_tables, undo_rope
 from kvrecall.retriever.errors import RetrieverError
 
-__all__ = ["rope_tables", "rotate", "unrotate", "windowed_query", "model_rope_parameters"]
-
-
-def rope_tables(
-    inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cos/sin tables at ``positions``, identical to the model's own rotary embedding for default-type RoPE.
-
-    Parameters
-    ----------
-    inv_freq : Tensor[head_dim // 2], float
-        The model's inverse frequencies (``model.model.rotary_emb.inv_freq``).
-    positions : Tensor[tokens], int64 (or float)
-    scaling : float
-        The rotary embedding's ``attention_scaling`` (1.0 for default RoPE).
-
-    Returns
-    -------
-    cos, sin : Tensor[tokens, head_dim], float32
-    """
-    if inv_freq.ndim != 1:
-        raise RetrieverError(f"inv_freq must be 1-D, got shape {tuple(inv_freq.shape)}")
-    pos = positions.reshape(-1).to(device=inv_freq.device, dtype=torch.float64)
-    freqs = pos[:, None] * inv_freq.to(torch.float64)[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return (emb.cos() * scaling).float(), (emb.sin() * scaling).float()
+__all__ = ["rotate", "unrotate", "windowed_query"]
 
 
 def rotate(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
@@ -71,23 +46,3 @@ def windowed_query(q: torch.Tensor, inv_freq: torch.Tensor, distance: int, scali
         raise RetrieverError(f"window distance must be >= 0, got {distance}")
     cos, sin = rope_tables(inv_freq, torch.tensor([distance]), scaling)
     return apply_rope(q.float(), cos[0].to(q.device), sin[0].to(q.device))
-
-
-def model_rope_parameters(model) -> tuple[torch.Tensor, float]:
-    """``(inv_freq [head_dim // 2] float32, attention_scaling)`` of a Hugging Face Llama-family model.
-
-    Raises
-    ------
-    RetrieverError
-        If the model has no rotary embedding (the retriever needs RoPE).
-    """
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    inv_freq = getattr(rotary, "inv_freq", None)
-    if inv_freq is None:
-        raise RetrieverError("model has no rotary embedding (model.model.rotary_emb.inv_freq); the retriever needs RoPE")
-    rope_type = getattr(rotary, "rope_type", "default")
-    if rope_type not in ("default", "linear", "llama3", "dynamic", "yarn", "longrope"):
-        raise RetrieverError(f"unsupported rope type {rope_type!r}")
-    if rope_type == "dynamic":
-        raise RetrieverError("dynamic RoPE changes frequencies with length; a fixed profile cannot follow it")
-    return inv_freq.detach().float().cpu().clone(), float(getattr(rotary, "attention_scaling", 1.0))

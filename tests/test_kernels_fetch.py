@@ -8,7 +8,8 @@ import torch
 from kvrecall.kernels.common import KernelDTypeError, KernelIndexError, KernelInputError, KernelShapeError
 from kvrecall.kernels.fetch import SelectedRowFetcher, fetch_rows_reference
 from kvrecall.kernels.kivi import quantize_kv
-from kvrecall.kernels.rope import RopeSpec, rope_tables_for
+from kvrecall.kernels.rope import RopeSpec
+from kvrecall.models import rope_tables
 from kvrecall.kernels.sparse_attention import (
     sparse_decode_attention,
     sparse_decode_attention_quantized,
@@ -68,7 +69,7 @@ def test_quantized_rows_and_attention(bits):
         assert _live_equal(getattr(got, name), fetch_rows_reference(getattr(kv, name), idx, cnt), cnt), name
     assert rows.nbytes < 2 * idx.numel() * 8 * 2  # fewer bytes than fp16 rows
     q = torch.randn(2, 4, 8, generator=g)
-    rope = RopeSpec.from_tables(*rope_tables_for(1.0 / (10000 ** (torch.arange(0, 8, 2) / 8)), 100), position_offset=7)
+    rope = RopeSpec.from_tables(*rope_tables(1.0 / (10000 ** (torch.arange(0, 8, 2) / 8)), torch.arange(100)), position_offset=7)
     out = sparse_decode_attention_quantized(q, got, rows.indices, rows.counts, rope=rope, gathered=True)
     direct = sparse_decode_attention_quantized_reference(q, kv, idx, cnt, rope=rope)
     twin = sparse_decode_attention_quantized_reference(q, got, rows.indices, rows.counts, rope=rope, gathered=True)

@@ -19,7 +19,8 @@ from kvrecall.kernels.common import (
     check_launchable,
 )
 from kvrecall.kernels.kivi import dequantize_keys, dequantize_values, quantize_kv
-from kvrecall.kernels.rope import RopeSpec, rope_tables_for
+from kvrecall.kernels.rope import RopeSpec
+from kvrecall.models import rope_tables
 from kvrecall.kernels.sparse_attention import (
     sparse_decode_attention,
     sparse_decode_attention_quantized,
@@ -51,7 +52,7 @@ def _rope(kind: str, d: int, positions: int, offset: int):
     inv = _inv_freq(d)
     if kind == "inv_freq":
         return RopeSpec.from_inv_freq(inv, position_offset=offset)
-    return RopeSpec.from_tables(*rope_tables_for(inv, positions + offset), position_offset=offset)
+    return RopeSpec.from_tables(*rope_tables(inv, torch.arange(positions + offset)), position_offset=offset)
 
 
 # (B, Hkv, group, T, D, counts): odd lengths, MHA and GQA, empty rows, a single token, full selection
@@ -124,7 +125,7 @@ def test_reference_equals_dense_attention_restricted_to_selection():
     b, hkv, group, t, d = 2, 2, 2, 60, 8
     q, k, v, idx, cnt = _case(b, hkv, group, t, d, [[20, 60], [3, 1]], torch.float32, seed=1)
     offset = 4
-    cos, sin = rope_tables_for(_inv_freq(d), t + offset)
+    cos, sin = rope_tables(_inv_freq(d), torch.arange(t + offset))
     rope = RopeSpec.from_tables(cos, sin, position_offset=offset)
     k_rot = apply_rope(k, cos[offset:], sin[offset:])
     mask = torch.zeros(b, hkv, t, dtype=torch.bool)
@@ -258,7 +259,7 @@ def test_out_of_range_indices_raise():
         sparse_decode_attention(q, k, v, bad, cnt)
     with pytest.raises(KernelIndexError):
         sparse_decode_attention(q, k, v, idx, cnt + 1)  # counts beyond the width
-    short = RopeSpec.from_tables(*rope_tables_for(_inv_freq(8), 10))
+    short = RopeSpec.from_tables(*rope_tables(_inv_freq(8), torch.arange(10)))
     with pytest.raises(KernelIndexError):
         sparse_decode_attention(q, k, v, idx, cnt, rope=short)  # positions beyond the table
     kv = quantize_kv(k, v, bits=8, group_size=4)

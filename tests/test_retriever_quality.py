@@ -9,7 +9,8 @@ from kvrecall.models import capture_qkv, long_token_ids, read_texts, tokenize
 from kvrecall.retriever import KeyIndex, RetrieverError, calibrate, sparse_attention, sparse_decode_logits
 from kvrecall.retriever.baselines import IndexMethod, OracleMethod, QuestMethod, RandomMethod, StreamingMethod
 from kvrecall.retriever.metrics import kl_and_ppl, selection_metrics
-from kvrecall.retriever.rope_window import model_rope_parameters, windowed_query
+from kvrecall.models import rope_parameters
+from kvrecall.retriever.rope_window import windowed_query
 from kvrecall.retriever.scoring import exact_scores
 from kvrecall.retriever.selection import select_from_scores
 
@@ -31,7 +32,7 @@ def test_query_aware_codes_beat_plain_codes_at_equal_bits(stories, held_out, cal
     """E[(q·k - q·k̂)²] over held-out real queries/keys is lower with the Cholesky transform (same bits)."""
     model, _ = stories
     _, qkv = held_out
-    inv, sc = model_rope_parameters(model)
+    inv, sc = rope_parameters(model)
     errors = {}
     for qa in (True, False):
         prof = calibrate(model, cal_ids, model_id="t", kind="pq", m=2, bits=5, chunk=512, niter=8,
@@ -51,7 +52,7 @@ def test_query_aware_codes_beat_plain_codes_at_equal_bits(stories, held_out, cal
 def test_sparse_decode_with_everything_selected_equals_dense(stories, held_out):
     model, _ = stories
     ids, qkv = held_out
-    inv, sc = model_rope_parameters(model)
+    inv, sc = rope_parameters(model)
     t0 = 380
     before = model.config._attn_implementation
     logits = sparse_decode_logits(model, qkv.kv()[..., :t0, :], ids[t0:], OracleMethod(inv, sc, 2, 8), 10_000)
@@ -64,7 +65,7 @@ def test_sparse_decode_with_everything_selected_equals_dense(stories, held_out):
 def test_sparse_decode_runs_every_method(stories, held_out, cal_ids):
     model, _ = stories
     ids, qkv = held_out
-    inv, sc = model_rope_parameters(model)
+    inv, sc = rope_parameters(model)
     prof = calibrate(model, cal_ids, model_id="t", kind="pq", m=2, bits=4, chunk=512, niter=2, progress=False)
     t0 = 390
     targets = torch.cat([ids[t0 + 1 :], torch.tensor([-1])])

@@ -7,7 +7,8 @@ import torch
 
 from kvrecall.retriever import KeyIndex, RetrieverError, RetrieverProfile, RetrieverSettings, lut_scores, select_from_scores
 from kvrecall.retriever.codebooks import decode, encode, pack_faiss_codes, train_codebook
-from kvrecall.retriever.rope_window import rope_tables, rotate, windowed_query
+from kvrecall.models import rope_tables
+from kvrecall.retriever.rope_window import rotate, windowed_query
 from kvrecall.retriever.scoring import exact_scores
 from kvrecall.retriever.selection import resolve_budget, selection_mask
 
@@ -170,10 +171,10 @@ def test_append_in_pieces_equals_one_append():
 
 def test_rope_tables_match_the_model(stories):
     from kvrecall.models import rope_cos_sin
-    from kvrecall.retriever.rope_window import model_rope_parameters
+    from kvrecall.models import rope_parameters
 
     model, _ = stories
-    inv, scale = model_rope_parameters(model)
+    inv, scale = rope_parameters(model)
     pos = torch.tensor([0, 1, 17, 511, 2048, 40000])
     cos, sin = rope_cos_sin(model, pos)
     mine_cos, mine_sin = rope_tables(inv, pos, scale)
