@@ -2,13 +2,45 @@
 
 Sub-packages (each installed from its own top-level folder of the repository):
 
-- ``kvrecall.encoder``   CacheGen-style KV codec (quantize, delta-code, rANS-code).
+- ``kvrecall.encoder``   CacheGen-style KV codec (quantize, entropy-code).
 - ``kvrecall.kvstore``   gRPC KV store for encoded chunks (RAM, disk, Redis tiers).
 - ``kvrecall.retriever`` A²ATS-style query-aware VQ key codes and top-k token selection.
 - ``kvrecall.kernels``   Triton kernels with torch reference twins.
 
-This package itself holds the CLI (:mod:`kvrecall.cli`), configuration helpers
-(:mod:`kvrecall.config`) and model utilities (:mod:`kvrecall.models`).
+The bottom layer, which every sub-package may import: :mod:`kvrecall.models` (model adapter: loading, pre-RoPE
+Q/K/V capture, RoPE), :mod:`kvrecall.model_store` (named models) and :mod:`kvrecall.defaults`.
+
+The integration layer, exported here and imported only on first use (so importing a sub-package never pulls it
+in): :class:`ContextCache`, :class:`Controller`, and the names later modules add to :data:`_EXPORTS`.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+# public name -> module under kvrecall that defines it
+_EXPORTS = {
+    "ContextCache": "context_cache",
+    "LoadResult": "context_cache",
+    "Controller": "controller",
+    "RetrievalCache": "retrieval_cache",
+    "StreamSession": "stream_session",
+    "RagPipeline": "rag",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvrecall' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"kvrecall.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

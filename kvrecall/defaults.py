@@ -1,0 +1,52 @@
+"""The one home for kvrecall's defaults: the CLI and the library both read them from here.
+
+A leaf module of the bottom layer: it imports nothing, so every sub-package (``encoder``, ``kvstore``,
+``retriever``, ``kernels``) and the integration layer may read it. Change a default here and every entry point
+follows.
+"""
+
+from __future__ import annotations
+
+# ---- context chunks (ContextCache, prefix-chain keys, StreamSession blocks)
+CHUNK_TOKENS = 256
+"""Tokens per stored chunk; also the granularity of prefix reuse."""
+
+# ---- codec
+CODEC_LEVEL = "medium"
+"""Codec level used when none is given (``kvrecall.encoder.LEVELS`` lists them)."""
+CODEC_CALIBRATION_TOKENS = 32768
+"""Tokens of KV collected to calibrate a codec profile (``calibrate-codec --max-tokens``)."""
+CODEC_CALIBRATION_CONTEXT = 1024
+"""Longest prefill per calibration sample (bounded by the model's trained context)."""
+CODEC_TABLE_GROUPS = 4
+"""Probability tables per layer and K/V in a codec profile."""
+
+# ---- retriever
+RETRIEVER_ROPE_MODE = "positional"
+"""How codes are scored: 'positional' (pre-RoPE codes rotated to their true positions) won every measured
+context on every model against A²ATS 'windowed' (see docs/retriever.md)."""
+RETRIEVER_KIND = "vq"
+RETRIEVER_BITS = 12
+"""Bits per (sub-)code: 12 = 4,096 centroids per layer and KV head."""
+RETRIEVER_PQ_M = 2
+RETRIEVER_CALIBRATION_TOKENS = 65536
+RETRIEVER_CALIBRATION_CHUNK = 1024
+RETRIEVER_WINDOW_DISTANCE = 2048
+RETRIEVER_KMEANS_ITERATIONS = 20
+RETRIEVER_SEED = 1234
+
+# ---- retrieval decoding
+RETRIEVAL_BUDGET = 0.03
+"""Fraction of the context (or a token count when > 1) selected per decode step."""
+RETRIEVAL_SINKS = 8
+RETRIEVAL_WINDOW = 64
+PREFILL_CHUNK = 1024
+"""Prompt tokens prefilled at a time by caches that bound prefill memory."""
+
+# ---- kvstore server
+SERVER_HOST = "127.0.0.1"
+SERVER_PORT = 50051
+SERVER_DRAIN_S = 1.0
+"""Seconds the server reports NOT_SERVING before it refuses new calls (CLI); in-process servers use 0."""
+SERVER_GRACE_S = 10.0
+"""Seconds calls in flight get at shutdown."""
