@@ -1,7 +1,8 @@
 """Retrieval quality and search latency: the A²ATS-style retriever against the oracle and baselines.
 
     python bench/retrieval.py --quick --json bench/results/retrieval-quick.json
-    python bench/retrieval.py --json bench/results/retrieval-full.json
+    python bench/retrieval.py --json bench/results/retrieval-full.json       # SmolLM2-135M first, then the fixtures
+    python bench/retrieval.py --models smollm2-135m --contexts 2048 4096 8192 --json bench/results/retrieval-smollm2.json
 
 Per model and context length: attention-mass recall of each method's selection (and the exact oracle's at the
 same budget), top-k recall, attention-output relative error, next-token KL and perplexity change when every
@@ -25,11 +26,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def model_spec(name: str):
+    """A model name known to :func:`kvrecall.models.load_model` (e.g. ``smollm2-135m``), else a shared folder."""
+    from kvrecall.models import MODEL_NAMES
+
+    return name if name in MODEL_NAMES else SHARED / "models" / name
+
+
 def build_methods(model, path, cal_ids, specs, niter, progress):
     """Calibrate the index-based methods and create the baselines. Returns a list of method objects."""
     from kvrecall.models import model_fingerprint, model_info
-    from kvrecall.retriever.baselines import IndexMethod, OracleMethod, QuestMethod, RandomMethod, StreamingMethod
-    from kvrecall.retriever.calibrate import calibrate, collect_qk
+    from kvrecall.retriever.methods import IndexMethod, OracleMethod, QuestMethod, RandomMethod, StreamingMethod
+    from kvrecall.retriever.calibration import calibrate, collect_qk
     from kvrecall.models import rope_parameters
 
     info = model_info(model)
@@ -195,7 +203,7 @@ def main(argv=None) -> int:
     from kvrecall.models import capture_qkv, load_model, long_token_ids, read_texts
 
     q = args.quick
-    models = args.models or (["stories260K"] if q else ["stories260K", "fixture-hd64"])
+    models = args.models or (["stories260K"] if q else ["smollm2-135m", "stories260K", "fixture-hd64"])
     contexts = args.contexts or ([2048] if q else [1024, 2048, 8192, 32768])
     n_queries = args.queries or (1 if q else 8)
     kl_positions = args.kl_positions or (4 if q else 16)
@@ -217,7 +225,7 @@ def main(argv=None) -> int:
     rows = []
     started = time.perf_counter()
     for model_name in models:
-        path = SHARED / "models" / model_name
+        path = model_spec(model_name)
         model, tok = load_model(path)
         print(f"== {model_name}", flush=True)
         cal_ids = long_token_ids(tok, cal_texts, cal_tokens)

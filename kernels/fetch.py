@@ -29,7 +29,7 @@ from kvrecall.kernels.common import (
     KernelShapeError,
     check_tensor,
 )
-from kvrecall.kernels.kivi import QuantizedKV
+from kvrecall.kernels.kivi import KiviRows
 
 __all__ = ["SelectedRowFetcher", "FetchedRows", "fetch_rows_reference"]
 
@@ -41,7 +41,7 @@ class FetchedRows:
     Attributes
     ----------
     k, v : Tensor[B, Hkv, S, D] (float) or None
-    quantized : QuantizedKV or None
+    quantized : KiviRows or None
         Gathered codes ``[B, Hkv, S, W]``, value scales ``[B, Hkv, S]``, and the whole context's key scales.
     indices, counts : Tensor[B, Hkv, S], Tensor[B, Hkv]
         The selection, on the device (token positions for RoPE and key scale groups).
@@ -51,7 +51,7 @@ class FetchedRows:
 
     k: torch.Tensor | None
     v: torch.Tensor | None
-    quantized: QuantizedKV | None
+    quantized: KiviRows | None
     indices: torch.Tensor
     counts: torch.Tensor
     nbytes: int
@@ -88,7 +88,7 @@ class SelectedRowFetcher:
     ----------
     k, v : Tensor[B, Hkv, T, D], float32/float16/bfloat16, optional
         The whole context (keys as stored, e.g. pre-RoPE). Give either ``k``/``v`` or ``quantized``.
-    quantized : QuantizedKV, optional
+    quantized : KiviRows, optional
         KIVI codes of the whole context instead of float K/V.
     max_selected : int
         Largest selection width ``S`` a fetch may ask for (sizes the buffers).
@@ -105,7 +105,7 @@ class SelectedRowFetcher:
         k: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
         *,
-        quantized: QuantizedKV | None = None,
+        quantized: KiviRows | None = None,
         max_selected: int,
         device: torch.device | str = "cpu",
         num_buffers: int = 2,
@@ -125,8 +125,8 @@ class SelectedRowFetcher:
         if (quantized is None) == (k is None):
             raise KernelInputError("give either k and v, or quantized")
         if quantized is not None:
-            if not isinstance(quantized, QuantizedKV):
-                raise KernelInputError(f"quantized must be a QuantizedKV, got {type(quantized).__name__}")
+            if not isinstance(quantized, KiviRows):
+                raise KernelInputError(f"quantized must be a KiviRows, got {type(quantized).__name__}")
             quantized.validate()
             self.quantized_meta = (quantized.bits, quantized.group_size, quantized.head_dim)
             self._host = {
@@ -254,7 +254,7 @@ class SelectedRowFetcher:
             sel, cnt = indices.to(self.device), counts.to(self.device)
         if self.quantized_meta is not None:
             bits, group, dim = self.quantized_meta
-            q = QuantizedKV(k_codes=views["k"], k_scale=self._k_scale, k_zero=self._k_zero, v_codes=views["v"],
+            q = KiviRows(k_codes=views["k"], k_scale=self._k_scale, k_zero=self._k_zero, v_codes=views["v"],
                             v_scale=views["v_scale"], v_zero=views["v_zero"], bits=bits, group_size=group,
                             head_dim=dim)
             return FetchedRows(None, None, q, sel, cnt, nbytes, ready, slot, self)

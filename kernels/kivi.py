@@ -26,11 +26,11 @@ import torch
 
 from kvrecall.kernels.common import FLOAT_DTYPES, KernelInputError, KernelShapeError, check_tensor
 
-__all__ = ["QuantizedKV", "quantize_kv", "dequantize_keys", "dequantize_values", "pack_int4", "unpack_int4"]
+__all__ = ["KiviRows", "quantize_kv", "dequantize_keys", "dequantize_values", "pack_int4", "unpack_int4"]
 
 
 @dataclass(frozen=True)
-class QuantizedKV:
+class KiviRows:
     """A KIVI-quantized KV cache for one layer (see the module docstring for layouts)."""
 
     k_codes: torch.Tensor
@@ -75,13 +75,13 @@ class QuantizedKV:
         for name in ("v_scale", "v_zero"):
             check_tensor(name, getattr(self, name), dtypes=FLOAT_DTYPES, shape=(b, h, t), last_dim_contiguous=True)
 
-    def to(self, device: torch.device | str) -> "QuantizedKV":
+    def to(self, device: torch.device | str) -> "KiviRows":
         """A copy with every tensor on ``device``."""
         moved = {
             name: getattr(self, name).to(device)
             for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
         }
-        return QuantizedKV(**moved, bits=self.bits, group_size=self.group_size, head_dim=self.head_dim)
+        return KiviRows(**moved, bits=self.bits, group_size=self.group_size, head_dim=self.head_dim)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -117,7 +117,7 @@ def quantize_kv(
     bits: int = 8,
     group_size: int = 32,
     scale_dtype: torch.dtype = torch.float16,
-) -> QuantizedKV:
+) -> KiviRows:
     """Quantize one layer's keys and values KIVI-style.
 
     Parameters
@@ -132,7 +132,7 @@ def quantize_kv(
 
     Returns
     -------
-    QuantizedKV
+    KiviRows
     """
     if bits not in (4, 8):
         raise KernelInputError(f"bits must be 4 or 8, got {bits}")
@@ -154,7 +154,7 @@ def quantize_kv(
     v_codes, v_scale, v_zero = _quantize(v.float(), 3, bits, scale_dtype)
     if bits == 4:
         k_codes, v_codes = pack_int4(k_codes), pack_int4(v_codes)
-    return QuantizedKV(
+    return KiviRows(
         k_codes=k_codes.contiguous(),
         k_scale=k_scale.reshape(b, h, ng, d).contiguous(),
         k_zero=k_zero.reshape(b, h, ng, d).contiguous(),
@@ -171,7 +171,7 @@ def _codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_int4(packed) if bits == 4 else packed
 
 
-def dequantize_keys(qkv: QuantizedKV) -> torch.Tensor:
+def dequantize_keys(qkv: KiviRows) -> torch.Tensor:
     """Keys ``[B, H, T, D]`` float32 from their codes, per-channel group scales and zeros."""
     codes = _codes(qkv.k_codes, qkv.bits).float()
     t = codes.shape[2]
@@ -181,7 +181,7 @@ def dequantize_keys(qkv: QuantizedKV) -> torch.Tensor:
     return codes * scale + zero
 
 
-def dequantize_values(qkv: QuantizedKV) -> torch.Tensor:
+def dequantize_values(qkv: KiviRows) -> torch.Tensor:
     """Values ``[B, H, T, D]`` float32 from their codes and per-token scales and zeros."""
     codes = _codes(qkv.v_codes, qkv.bits).float()
     return codes * qkv.v_scale.float()[..., None] + qkv.v_zero.float()[..., None]

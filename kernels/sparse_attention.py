@@ -39,7 +39,7 @@ from kvrecall.kernels.common import (
     check_tensor,
     next_power_of_2,
 )
-from kvrecall.kernels.kivi import QuantizedKV, dequantize_keys, dequantize_values
+from kvrecall.kernels.kivi import KiviRows, dequantize_keys, dequantize_values
 from kvrecall.kernels.rope import RopeSpec
 
 __all__ = [
@@ -393,7 +393,7 @@ def sparse_decode_attention(
 
 def sparse_decode_attention_quantized(
     q: torch.Tensor,
-    kv: QuantizedKV,
+    kv: KiviRows,
     indices: torch.Tensor,
     counts: torch.Tensor,
     *,
@@ -411,8 +411,8 @@ def sparse_decode_attention_quantized(
     ``kv.v_scale``/``kv.v_zero`` ``[B, Hkv, R]`` their per-token scales, while ``kv.k_scale``/``kv.k_zero`` stay
     the whole context's ``[B, Hkv, NG, D]`` per-group tables (they are small and live on the device).
     """
-    if not isinstance(kv, QuantizedKV):
-        raise KernelInputError(f"kv must be a QuantizedKV, got {type(kv).__name__}")
+    if not isinstance(kv, KiviRows):
+        raise KernelInputError(f"kv must be a KiviRows, got {type(kv).__name__}")
     kv.validate(gathered=gathered)
     b, hkv, rows, d = kv.shape
     _check_query_and_rope(q, hkv, d, rope, q.device)
@@ -468,7 +468,7 @@ def sparse_decode_attention_reference(
 
 def sparse_decode_attention_quantized_reference(
     q: torch.Tensor,
-    kv: QuantizedKV,
+    kv: KiviRows,
     indices: torch.Tensor,
     counts: torch.Tensor,
     *,

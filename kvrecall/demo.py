@@ -122,7 +122,7 @@ def _codec_and_store(cfg: DemoConfig, model, tok, texts, model_id: str) -> dict:
 def _retrieval(cfg: DemoConfig, model, tok, texts, model_id: str) -> dict:
     from kvrecall.models import capture_qkv, long_token_ids, logits_with_context_kv, model_info
     from kvrecall.retriever import calibrate, sparse_decode_logits
-    from kvrecall.retriever.baselines import IndexMethod, OracleMethod, StreamingMethod
+    from kvrecall.retriever.methods import IndexMethod, OracleMethod, StreamingMethod
     from kvrecall.models import rope_parameters
 
     n_calib = 40960  # >= 39 training points per centroid for FAISS k-means (1,024 centroids)

@@ -12,7 +12,7 @@ Public names::
 """
 
 from kvrecall.retriever.attention import sparse_attention, sparse_decode_logits
-from kvrecall.retriever.calibrate import calibrate
+from kvrecall.retriever.calibration import calibrate
 from kvrecall.retriever.errors import RetrieverError
 from kvrecall.retriever.index import KeyIndex
 from kvrecall.retriever.profile import RetrieverProfile, RetrieverSettings

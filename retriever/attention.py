@@ -18,7 +18,8 @@ from kvrecall.models import rope_parameters
 from kvrecall.retriever.rope_window import unrotate
 from kvrecall.retriever.selection import Selection, resolve_budget, selection_mask
 
-__all__ = ["sparse_attention", "sparse_attention_mode", "sparse_decode_logits", "ATTENTION_NAME"]
+__all__ = ["sparse_attention", "sparse_attention_mode", "attention_implementation", "sparse_decode_logits",
+           "ATTENTION_NAME"]
 
 ATTENTION_NAME = "kvrecall_sparse"
 _ACTIVE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("kvrecall_sparse_selector", default=None)
@@ -76,6 +77,18 @@ def _register() -> None:
 
 
 @contextmanager
+def attention_implementation(model, name: str):
+    """Within the block ``model`` runs attention implementation ``name`` (``model.set_attn_implementation``);
+    the previous implementation is restored afterwards, also on error."""
+    old = model.config._attn_implementation  # reading is public enough; writing goes through the model's API
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
+@contextmanager
 def sparse_attention_mode(model, selector: Callable[[int, torch.Tensor, torch.Tensor], Selection | None]):
     """Within the block, ``model``'s attention calls ``selector(layer, query [1,Hq,1,D], key [1,Hkv,T,D])``.
 
@@ -83,14 +96,12 @@ def sparse_attention_mode(model, selector: Callable[[int, torch.Tensor, torch.Te
     :class:`Selection` over the ``T`` tokens (or None: attend to all).
     """
     _register()
-    old = model.config._attn_implementation
-    model.config._attn_implementation = ATTENTION_NAME
-    token = _ACTIVE.set(selector)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-        model.config._attn_implementation = old
+    with attention_implementation(model, ATTENTION_NAME):
+        token = _ACTIVE.set(selector)
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
 
 
 @torch.no_grad()
@@ -103,7 +114,7 @@ def sparse_decode_logits(
     ----------
     kv : Tensor[layers, 2, kv_heads, T0, head_dim] — the context's KV, keys pre-RoPE (dense, exact).
     cont_ids : Tensor[n] — tokens fed one per step at positions ``T0 .. T0 + n - 1``.
-    method : a selection method (see :mod:`kvrecall.retriever.baselines`); it is reset with the context keys
+    method : a selection method (see :mod:`kvrecall.retriever.methods`); it is reset with the context keys
         and new keys are appended as they are generated.
     budget : top-k per query head (int) or fraction of the current length (float); sinks and window on top.
 
@@ -111,7 +122,7 @@ def sparse_decode_logits(
     -------
     Tensor[n, vocab], float32 — logits at each continuation position.
     """
-    from kvrecall.models import kv_to_cache
+    from kvrecall.models import cache_kwargs, kv_to_cache
 
     inv_freq, scaling = rope_parameters(model)
     method.reset(kv[:, 0].float())
@@ -132,6 +143,6 @@ def sparse_decode_logits(
     with sparse_attention_mode(model, selector):
         for i, tok in enumerate(cont_ids.tolist()):
             pos = torch.tensor([[t0 + i]], device=device)
-            out = model(torch.tensor([[tok]], device=device), past_key_values=cache, position_ids=pos, use_cache=True)
+            out = model(torch.tensor([[tok]], device=device), position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
             logits.append(out.logits[0, -1].float())
     return torch.stack(logits)

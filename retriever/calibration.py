@@ -8,6 +8,7 @@ from kvrecall.retriever.codebooks import check_codebook_settings, train_codebook
 from kvrecall.retriever.errors import RetrieverError
 from kvrecall.retriever.profile import RetrieverProfile, RetrieverSettings
 from kvrecall.retriever.query_aware import cholesky_transforms, identity_transforms, query_covariance
+from kvrecall import defaults
 from kvrecall.models import rope_parameters
 from kvrecall.retriever.rope_window import rotate, windowed_query
 
@@ -48,17 +49,17 @@ def calibrate(
     *,
     model_id: str,
     model_name: str = "",
-    kind: str = "vq",
+    kind: str = defaults.RETRIEVER_KIND,
     m: int = 1,
-    bits: int = 12,
+    bits: int = defaults.RETRIEVER_BITS,
     chunk: int | None = None,
-    window_distance: int = 2048,
-    rope_mode: str = "windowed",
+    window_distance: int = defaults.RETRIEVER_WINDOW_DISTANCE,
+    rope_mode: str = defaults.RETRIEVER_ROPE_MODE,
     query_aware: bool = True,
     position_spread: int = 32768,
     ridge: float = 1e-4,
-    niter: int = 20,
-    seed: int = 1234,
+    niter: int = defaults.RETRIEVER_KMEANS_ITERATIONS,
+    seed: int = defaults.RETRIEVER_SEED,
     progress: bool = True,
     qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RetrieverProfile:
@@ -69,11 +70,12 @@ def calibrate(
     model : Hugging Face Llama-family model (RoPE required).
     ids : Tensor[n], int64 — calibration token ids (see :func:`kvrecall.models.long_token_ids`).
     kind, m, bits : ``"vq"`` (``m = 1``) or ``"pq"`` with ``m`` sub-vectors of ``bits`` bits.
-    chunk : prefill length (default: the model's ``max_position_embeddings``, at most 1,024).
-    rope_mode : ``"windowed"`` (A²ATS), ``"positional"`` (pre-RoPE codes scored at true positions; H over
-        queries rotated by random distances up to ``window_distance``) or ``"absolute"`` (plain baseline:
-        post-RoPE keys, each chunk at a random offset in ``[0, position_spread)`` so that codebooks see the
-        rotations of long contexts).
+    chunk : prefill length (default: the model's ``max_position_embeddings``, at most
+        ``kvrecall.defaults.RETRIEVER_CALIBRATION_CHUNK``).
+    rope_mode : ``"positional"`` (the default, ``kvrecall.defaults.RETRIEVER_ROPE_MODE``: pre-RoPE codes scored
+        at their true positions; H over queries rotated by random distances up to ``window_distance``),
+        ``"windowed"`` (A²ATS) or ``"absolute"`` (plain baseline: post-RoPE keys, each chunk at a random offset in
+        ``[0, position_spread)`` so that codebooks see the rotations of long contexts).
     query_aware : use the Cholesky transform of the query second moment (else identity).
     qk : optional ``(q, k)`` already returned by :func:`collect_qk` for ``ids`` and ``chunk`` (saves the
         prefill when several profiles are fitted on the same tokens).
@@ -92,7 +94,7 @@ def calibrate(
         raise RetrieverError(f"need at least {1 << bits} calibration tokens for {bits}-bit codebooks, got {ids.numel()}")
     inv_freq, scaling = rope_parameters(model)
     max_pos = int(getattr(model.config, "max_position_embeddings", 1024) or 1024)
-    chunk = chunk or min(max_pos, 1024)
+    chunk = chunk or min(max_pos, defaults.RETRIEVER_CALIBRATION_CHUNK)
     if qk is None:
         q, k = collect_qk(model, ids, chunk, progress)
     else:

@@ -1,4 +1,5 @@
-"""Selection methods side by side: the retriever index, the exact oracle, Quest, StreamingLLM and random.
+"""Selection methods: the retriever index (:class:`IndexMethod`) and the baselines it is measured against
+(:class:`OracleMethod` exact top-k, :class:`QuestMethod`, :class:`StreamingMethod` StreamingLLM, :class:`RandomMethod`).
 
 Every method implements the same small interface, used by the bench metrics and by sparse decoding::
 
@@ -22,7 +23,7 @@ from kvrecall.retriever.rope_window import rotate
 from kvrecall.retriever.scoring import exact_scores
 from kvrecall.retriever.selection import Selection, fixed_token_mask, select_from_scores, union_select
 
-__all__ = ["IndexMethod", "OracleMethod", "QuestMethod", "StreamingMethod", "RandomMethod"]
+__all__ = ["IndexMethod", "OracleMethod", "QuestMethod", "StreamingMethod", "RandomMethod", "BASELINES"]
 
 
 class _KeyStore:
@@ -188,3 +189,7 @@ class RandomMethod(_LengthOnly):
         t = self.length(layer) if length is None else length
         scores = torch.rand(q.shape[0], q.shape[1], t, generator=self.gen)
         return select_from_scores(scores, self.group, k, sinks, window)
+
+
+BASELINES = (OracleMethod, QuestMethod, StreamingMethod, RandomMethod)
+"""The baseline selection methods (everything here except the retriever's own :class:`IndexMethod`)."""

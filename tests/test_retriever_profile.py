@@ -139,3 +139,27 @@ def test_cli_calibrate_retriever(tmp_path, stories_path, texts_path, capsys):
     assert "wrote" in capsys.readouterr().out
     rc = main(["calibrate-retriever", "--model", str(tmp_path), "--texts", str(texts_path), "--out", str(out), "--no-progress"])
     assert rc == 2 and "error" in capsys.readouterr().err
+
+
+def test_cli_calibrate_retriever_bad_input_is_one_line_and_exit_2(tmp_path, texts_path, capsys):
+    from kvrecall.cli import main
+
+    out = tmp_path / "x.safetensors"
+    for argv in (["--model", "no-such-model", "--texts", str(texts_path)],
+                 ["--model", "smollm2-135m", "--texts", str(tmp_path / "missing")],
+                 ["--model", "smollm2-135m", "--texts", str(texts_path), "--tokens", "0"]):
+        rc = main(["calibrate-retriever", *argv, "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("calibrate-retriever: error:") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_calibrate_defaults_come_from_kvrecall_defaults():
+    import inspect
+
+    from kvrecall import defaults
+
+    params = inspect.signature(calibrate).parameters
+    assert params["rope_mode"].default == defaults.RETRIEVER_ROPE_MODE == "positional"
+    assert params["bits"].default == defaults.RETRIEVER_BITS
+    assert params["kind"].default == defaults.RETRIEVER_KIND

@@ -7,7 +7,7 @@ import torch
 
 from kvrecall.models import capture_qkv, long_token_ids, read_texts, tokenize
 from kvrecall.retriever import KeyIndex, RetrieverError, calibrate, sparse_attention, sparse_decode_logits
-from kvrecall.retriever.baselines import IndexMethod, OracleMethod, QuestMethod, RandomMethod, StreamingMethod
+from kvrecall.retriever.methods import IndexMethod, OracleMethod, QuestMethod, RandomMethod, StreamingMethod
 from kvrecall.retriever.metrics import kl_and_ppl, selection_metrics
 from kvrecall.models import rope_parameters
 from kvrecall.retriever.rope_window import windowed_query
