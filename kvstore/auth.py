@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 __all__ = ["AuthError", "BearerTokenInterceptor", "load_token", "server_credentials", "channel_credentials",
-           "UNAUTHENTICATED_EXEMPT_PREFIXES"]
+           "check_key_pair", "bearer_credentials", "UNAUTHENTICATED_EXEMPT_PREFIXES"]
 
 # Health checks must work for load balancers and orchestrators that hold no token.
 UNAUTHENTICATED_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -41,10 +41,36 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
         raise AuthError(f"cannot read {what} {path}: {exc}") from exc
 
 
+def check_key_pair(cert: str | Path, key: str | Path) -> None:
+    """Raise :class:`AuthError` naming the files unless ``key`` is a PEM private key matching PEM ``cert``.
+
+    gRPC itself only fails later, when binding, with a message that does not say why.
+    """
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(str(Path(cert).expanduser()), str(Path(key).expanduser()))
+    except ssl.SSLError as exc:
+        reason = exc.reason or str(exc)
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc).lower():
+            raise AuthError(f"TLS key {key} does not match the certificate {cert}") from None
+        raise AuthError(f"cannot load TLS certificate {cert} with key {key}: {reason}") from None
+    except OSError as exc:
+        raise AuthError(f"cannot read TLS certificate {cert} or key {key}: {exc}") from None
+
+
 def server_credentials(cert: str | Path, key: str | Path, client_ca: str | Path | None = None
                        ) -> grpc.ServerCredentials:
-    """TLS server credentials; with ``client_ca`` clients must present a certificate signed by it (mTLS)."""
+    """TLS server credentials; with ``client_ca`` clients must present a certificate signed by it (mTLS).
+
+    Raises
+    ------
+    AuthError
+        If a file cannot be read, or the key does not match the certificate.
+    """
     ca = _read(client_ca, "client CA")
+    check_key_pair(cert, key)
     return grpc.ssl_server_credentials(
         [(_read(key, "TLS key"), _read(cert, "TLS certificate"))],
         root_certificates=ca,
@@ -72,17 +98,30 @@ async def _reject(request_or_iterator, context: grpc.aio.ServicerContext) -> Non
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
 
+def bearer_credentials(header: str) -> str | None:
+    """The token of an ``authorization`` value using the Bearer scheme, or None.
+
+    The scheme name is case-insensitive (RFC 7235 section 2.1: ``bearer``, ``BEARER`` ...); one or more
+    spaces separate it from the token.
+    """
+    scheme, _, rest = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = rest.strip(" ")
+    return token or None
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Reject every call except health checks unless it carries ``authorization: Bearer <token>``.
 
-    The comparison is between SHA-256 digests of the presented and expected header values with
-    :func:`hmac.compare_digest`, so its time depends on neither the token's content nor its length.
+    The scheme is matched case-insensitively (RFC 7235); the token is compared as SHA-256 digests with
+    :func:`hmac.compare_digest`, so the time depends on neither the token's content nor its length.
     """
 
     def __init__(self, token: str) -> None:
         if not token:
             raise AuthError("bearer token must not be empty")
-        self._expected = _digest(f"Bearer {token}")
+        self._expected = _digest(token)
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method or ""
@@ -93,7 +132,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             if item[0] == "authorization":
                 presented = item[1]
                 break
-        if hmac.compare_digest(_digest(presented), self._expected):
+        token = bearer_credentials(presented)
+        if hmac.compare_digest(_digest(token or "\x00"), self._expected) and token is not None:
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None or not (handler.request_streaming or handler.response_streaming):

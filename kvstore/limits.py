@@ -8,10 +8,13 @@ import grpc
 
 from kvrecall.kvstore.keys import DEFAULT_MAX_KEY_BYTES
 
-__all__ = ["Limits", "RequestError", "MESSAGE_OVERHEAD_BYTES"]
+__all__ = ["Limits", "RequestError", "MESSAGE_OVERHEAD_BYTES", "MAX_KEY_BYTES_LIMIT"]
 
 # Room for the protobuf framing and header fields on top of a data chunk.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
+# Longest key every tier can store and read back: the Redis meta record holds the key length in 16 bits
+# (the disk header allows 65,536). A larger ``max_key_bytes`` is refused at startup.
+MAX_KEY_BYTES_LIMIT = 65535
 
 
 class RequestError(Exception):
@@ -41,8 +44,13 @@ class Limits:
     max_keys_per_call : int
         Most keys in one Exists or Delete (INVALID_ARGUMENT above it).
     max_inflight_put_bytes : int
-        Sum of declared sizes of Puts being received at once; a Put that would exceed it gets
-        RESOURCE_EXHAUSTED (the client retries later), so receive buffers stay bounded.
+        Bytes of Puts received and not yet stored, over all streams: memory follows the bytes that actually
+        arrived (a header alone reserves nothing); a chunk that would exceed it fails its Put with
+        RESOURCE_EXHAUSTED (the client retries later).
+    put_idle_timeout_s : float
+        A Put stream that sends nothing for this long is ended with DEADLINE_EXCEEDED.
+    max_lookup_tokens : int
+        Most token ids in one Lookup (INVALID_ARGUMENT above it).
     """
 
     max_key_bytes: int = DEFAULT_MAX_KEY_BYTES
@@ -51,13 +59,20 @@ class Limits:
     chunk_bytes: int = 1 << 20
     max_keys_per_call: int = 65536
     max_inflight_put_bytes: int = 2 << 30
+    put_idle_timeout_s: float = 30.0
+    max_lookup_tokens: int = 1 << 22
 
     def __post_init__(self) -> None:
         for name in ("max_key_bytes", "max_object_bytes", "max_message_bytes", "chunk_bytes",
-                     "max_keys_per_call", "max_inflight_put_bytes"):
+                     "max_keys_per_call", "max_inflight_put_bytes", "max_lookup_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_key_bytes > MAX_KEY_BYTES_LIMIT:
+            raise ValueError(f"max_key_bytes {self.max_key_bytes} is above {MAX_KEY_BYTES_LIMIT}, the longest key "
+                             "the disk and Redis tiers can store and read back")
+        if isinstance(self.put_idle_timeout_s, bool) or not self.put_idle_timeout_s > 0:
+            raise ValueError(f"put_idle_timeout_s must be positive seconds, got {self.put_idle_timeout_s!r}")
         if self.max_message_bytes < 2 * MESSAGE_OVERHEAD_BYTES:
             raise ValueError(f"max_message_bytes must be at least {2 * MESSAGE_OVERHEAD_BYTES}")
         if self.chunk_bytes > self.max_chunk_bytes:

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from kvrecall.kvstore.auth import BearerTokenInterceptor, server_credentials
 from kvrecall.kvstore.limits import Limits
 from kvrecall.kvstore.metrics import Metrics
+from kvrecall.kvstore.secrets import resolve_url
 from kvrecall.kvstore.service import SERVICE_NAME, KVStoreService
 from kvrecall.kvstore.store import TieredStore
 from kvrecall.kvstore.tiers_disk import DiskTier
@@ -32,9 +33,46 @@ from kvrecall.kvstore.tiers_ram import RamTier
 from kvrecall.kvstore.tiers_redis import RedisTier
 from kvrecall.kvstore.v1 import kvstore_pb2 as pb
 
-__all__ = ["ServerConfig", "KVStoreServer", "BackgroundServer", "serve", "default_disk_dir"]
+__all__ = ["ServerConfig", "KVStoreServer", "BackgroundServer", "serve", "default_disk_dir", "TIER_HEALTH_PREFIX"]
 
 log = logging.getLogger("kvrecall.kvstore.server")
+# Health service names of single tiers: "kvrecall.kvstore.tier.disk", "kvrecall.kvstore.tier.redis", ...
+TIER_HEALTH_PREFIX = "kvrecall.kvstore.tier."
+_TIER_POLL_S = 0.25
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _HealthServicer(health.aio.HealthServicer):
+    """The standard health servicer whose Watch streams end when the server shuts down (after NOT_SERVING)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: set[asyncio.Task] = set()
+        self._closing = False
+
+    async def Watch(self, request, context) -> None:
+        if self._closing:
+            return
+        task = asyncio.ensure_future(super().Watch(request, context))
+        self._watches.add(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()
+            if not self._closing:
+                raise
+        finally:
+            self._watches.discard(task)
+
+    async def end_watches(self) -> None:
+        """End every Watch stream (they have been told NOT_SERVING), so they do not hold up shutdown."""
+        self._closing = True
+        await asyncio.sleep(0)  # let the NOT_SERVING updates be written first
+        for task in list(self._watches):
+            task.cancel()
+        if self._watches:
+            await asyncio.gather(*self._watches, return_exceptions=True)
 
 
 def _is_loopback(host: str) -> bool:
@@ -59,6 +97,16 @@ class ServerConfig:
 
     A tier is disabled by a zero budget (``ram_bytes``/``disk_bytes``) or, for disk, ``disk_dir=None``;
     Redis is used only when ``redis_url`` is set. ``port=0`` picks a free port (see ``KVStoreServer.port``).
+
+    ``redis_url`` may be ``env:NAME`` (read from environment variable ``NAME``) or ``file:PATH`` (the file's
+    content), so a password need not appear on a command line; ``redis_url_file`` is the same as
+    ``redis_url="file:PATH"``. The URL and the token never appear in ``repr`` or in logs.
+
+    Durability of an acknowledged Put (``require_disk`` False, the default): it is in every tier listed in the
+    Put response's ``tiers``; when the disk cannot take it (full, failing, no room in the budget) the Put is
+    still acknowledged with the tiers that did, and the disk shows as down in Stats, metrics and health. With
+    ``require_disk`` the Put fails (RESOURCE_EXHAUSTED) unless the disk holds it: with ``disk_fsync`` (default)
+    it then survives a power loss, without it a crash of the process.
     """
 
     host: str = "127.0.0.1"
@@ -67,7 +115,8 @@ class ServerConfig:
     disk_dir: str | Path | None = field(default_factory=default_disk_dir)
     disk_bytes: int = 10 << 30
     disk_fsync: bool = True
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
+    redis_url_file: str | Path | None = None
     redis_cluster: bool = False
     redis_part_bytes: int = 8 << 20
     redis_timeout_s: float = 2.0
@@ -75,13 +124,22 @@ class ServerConfig:
     tls_cert: str | Path | None = None
     tls_key: str | Path | None = None
     tls_client_ca: str | Path | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     grace_s: float = 10.0
     drain_s: float = 0.0
+    require_disk: bool = False
 
     def __post_init__(self) -> None:
+        if self.redis_url_file is not None:
+            if self.redis_url is not None:
+                raise ValueError("give the Redis URL either as redis_url or as redis_url_file, not both")
+            self.redis_url = f"file:{self.redis_url_file}"
+        if self.redis_url is not None:
+            self.redis_url = resolve_url(self.redis_url)
+        if self.require_disk and (self.disk_dir is None or self.disk_bytes == 0):
+            raise ValueError("require_disk needs a disk tier (disk_dir and a non-zero disk_bytes)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -103,10 +161,12 @@ class KVStoreServer:
         redis = (RedisTier(config.redis_url, part_bytes=config.redis_part_bytes, timeout_s=config.redis_timeout_s,
                            cluster=config.redis_cluster)
                  if config.redis_url else None)
-        self.store = TieredStore(ram, disk, redis)
+        self.store = TieredStore(ram, disk, redis, require_disk=config.require_disk)
         self.metrics = Metrics(self.store)
         self.service = KVStoreService(self.store, config.limits, self.metrics)
-        self.health = health.aio.HealthServicer()
+        self.health = _HealthServicer()
+        self._tier_health: dict[str, bool] = {}
+        self._tier_task: asyncio.Task | None = None
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_httpd = None
@@ -114,7 +174,29 @@ class KVStoreServer:
         self.metrics_port: int | None = None
 
     async def start(self, wait_ready: bool = True) -> None:
-        """Bind, serve health (NOT_SERVING), open the tiers, then report SERVING."""
+        """Check the TLS files, lock the disk directory, bind, serve health (NOT_SERVING), open the tiers,
+        then report SERVING.
+
+        Raises
+        ------
+        AuthError
+            A TLS file cannot be read, or the key does not match the certificate.
+        DiskStoreError
+            The disk directory is locked by another server or cannot be created.
+        OSError
+            The port (or the metrics port) cannot be bound; the message names it.
+        """
+        cfg = self.config
+        creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert is not None else None
+        self.store.lock()  # before binding: a second server on the same directory fails before "listening"
+        try:
+            await self._bind(creds, wait_ready)
+        except BaseException:
+            if self.store.disk is not None:
+                self.store.disk.close()  # release the directory lock
+            raise
+
+    async def _bind(self, creds, wait_ready: bool) -> None:
         cfg = self.config
         interceptors = [BearerTokenInterceptor(cfg.token)] if cfg.token else []
         options = cfg.limits.grpc_options() + [("grpc.so_reuseport", 0)]
@@ -123,16 +205,16 @@ class KVStoreServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = (pb.DESCRIPTOR.services_by_name["KVStore"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self._server)
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", SERVICE_NAME, *(TIER_HEALTH_PREFIX + t.name for t in self.store.tiers())):
+            await self.health.set(service, _NOT_SERVING)
         address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
         try:
-            if cfg.tls_cert is not None:
-                creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            if creds is not None:
                 self.port = self._server.add_secure_port(address, creds)
             else:
                 self.port = self._server.add_insecure_port(address)
         except RuntimeError as exc:  # grpc reports bind failures this way
+            self._server = None
             raise OSError(f"cannot listen on {address}: address in use or not available") from exc
         if not _is_loopback(cfg.host) and (cfg.token is None or cfg.tls_cert is None):
             log.warning("kvstore listens on %s without %s; anyone who can reach it can read and write objects",
@@ -142,8 +224,12 @@ class KVStoreServer:
             if cfg.metrics_port is not None:
                 from prometheus_client import start_http_server
 
-                self._metrics_httpd, _ = start_http_server(cfg.metrics_port, cfg.metrics_host,
-                                                           registry=self.metrics.registry)
+                try:
+                    self._metrics_httpd, _ = start_http_server(cfg.metrics_port, cfg.metrics_host,
+                                                               registry=self.metrics.registry)
+                except OSError as exc:
+                    raise OSError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: "
+                                  f"{exc.strerror or exc}") from exc
                 self.metrics_port = self._metrics_httpd.server_port
             self._open_task = asyncio.get_running_loop().create_task(self._open())
             if wait_ready:
@@ -156,9 +242,28 @@ class KVStoreServer:
         await self.store.open()
         self.service.ready = True
         for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(service, _SERVING)
+        await self._sync_tier_health()
+        self._tier_task = asyncio.get_running_loop().create_task(self._watch_tiers())
         tiers = ", ".join(t.name for t in self.store.tiers())
         log.info("kvstore serving on %s:%s (tiers: %s)", self.config.host, self.port, tiers)
+
+    async def _sync_tier_health(self) -> None:
+        """Mirror each tier's availability into its health service; with ``require_disk`` the disk's too into
+        the KVStore service (a Put cannot succeed while the disk is down)."""
+        for tier in self.store.tiers():
+            up = bool(getattr(tier, "available", True))
+            if self._tier_health.get(tier.name) != up:
+                self._tier_health[tier.name] = up
+                await self.health.set(TIER_HEALTH_PREFIX + tier.name, _SERVING if up else _NOT_SERVING)
+                if self.config.require_disk and tier is self.store.disk:
+                    for service in ("", SERVICE_NAME):
+                        await self.health.set(service, _SERVING if up else _NOT_SERVING)
+
+    async def _watch_tiers(self) -> None:
+        while True:
+            await asyncio.sleep(_TIER_POLL_S)
+            await self._sync_tier_health()
 
     async def wait_ready(self) -> None:
         """Wait until the tiers are open (re-raises an error from opening them)."""
@@ -167,13 +272,21 @@ class KVStoreServer:
         await asyncio.shield(self._open_task)
 
     async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
-        """Graceful shutdown: NOT_SERVING, drain, refuse new calls, finish calls in flight, close the tiers."""
+        """Graceful shutdown: NOT_SERVING, drain, refuse new calls, finish calls in flight, close the tiers.
+
+        Health Watch streams are ended and Put streams idle for 0.5 s are refused (UNAVAILABLE), so an idle
+        client does not hold the server for the whole grace period.
+        """
         if self._server is None:
             return
+        if self._tier_task is not None:
+            self._tier_task.cancel()
         await self.health.enter_graceful_shutdown()
         drain = self.config.drain_s if drain is None else drain
         if drain > 0:
             await asyncio.sleep(drain)
+        self.service.begin_shutdown()
+        await self.health.end_watches()
         await self._server.stop(self.config.grace_s if grace is None else grace)
         self.service.ready = False
         if self._open_task is not None and not self._open_task.done():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -10,20 +11,50 @@ import time
 import grpc
 
 from kvrecall.kvstore import wire
-from kvrecall.kvstore.keys import KeyValidationError, validate_key
+from kvrecall.kvstore.keys import KeyValidationError, chunk_keys, validate_key
 from kvrecall.kvstore.limits import Limits, RequestError
 from kvrecall.kvstore.metrics import Metrics
 from kvrecall.kvstore.objects import StoredObject, crc32_of, expiry_from_ttl
-from kvrecall.kvstore.store import TieredStore
+from kvrecall.kvstore.store import DiskRequiredError, TieredStore
 from kvrecall.kvstore.v1 import kvstore_pb2 as pb
 
-__all__ = ["SERVICE_NAME", "KVStoreService"]
+__all__ = ["SERVICE_NAME", "KVStoreService", "Malformed", "DEFAULT_LOOKUP_CHUNK_TOKENS"]
 
 SERVICE_NAME = "kvrecall.kvstore.v1.KVStore"
 MIN_CHUNK_BYTES = 4096
+DEFAULT_LOOKUP_CHUNK_TOKENS = 256
+MAX_LOOKUP_CHUNK_TOKENS = 1 << 20
+# At shutdown a Put stream that sends nothing for this long is ended (UNAVAILABLE); active ones get the grace.
+SHUTDOWN_IDLE_S = 0.5
 log = logging.getLogger("kvrecall.kvstore.service")
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+_END = object()
+
+
+class Malformed:
+    """What a request deserializer returns for bytes that are not a valid message (answered INVALID_ARGUMENT)."""
+
+    __slots__ = ("what", "error")
+
+    def __init__(self, what: str, error: Exception) -> None:
+        self.what = what
+        self.error = error
+
+    def raise_error(self):
+        raise RequestError(_INVALID, f"malformed {self.what} message: {self.error}")
+
+
+def _lenient(parse, what: str):
+    """A deserializer that returns :class:`Malformed` instead of raising (gRPC would answer UNKNOWN/INTERNAL)."""
+
+    def deserialize(raw: bytes):
+        try:
+            return parse(raw)
+        except Exception as exc:  # DecodeError, or anything else a hostile message provokes
+            return Malformed(what, exc)
+
+    return deserialize
 
 
 def _instrumented(method):
@@ -38,6 +69,8 @@ def _instrumented(method):
             code = "OK"
             try:
                 self._check_ready()
+                if isinstance(request, Malformed):
+                    request.raise_error()
                 async for item in method(self, request, context):
                     yield item
             except RequestError as exc:
@@ -60,9 +93,11 @@ def _instrumented(method):
         code = "OK"
         try:
             self._check_ready()
+            if isinstance(request, Malformed):
+                request.raise_error()
             return await method(self, request, context)
         except RequestError as exc:
-            code = exc.code.name
+            code = "CANCELLED" if context.cancelled() else exc.code.name
             await context.abort(exc.code, exc.message)
         except Exception as exc:
             code = self._unexpected(exc, context)
@@ -77,7 +112,7 @@ def _instrumented(method):
 
 
 class _InflightBudget:
-    """Bytes reserved by Puts being received; keeps receive buffers bounded."""
+    """Bytes of Puts received and not yet stored, over all streams; keeps receive buffers bounded."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -85,8 +120,8 @@ class _InflightBudget:
 
     def reserve(self, n: int) -> None:
         if self.used + n > self.limit:
-            raise RequestError(_EXHAUSTED, f"server is receiving {self.used} bytes of Puts already; a {n}-byte "
-                                           f"Put would exceed the in-flight limit of {self.limit}; retry later")
+            raise RequestError(_EXHAUSTED, f"server holds {self.used} bytes of Puts being received; {n} more "
+                                           f"would exceed the in-flight limit of {self.limit}; retry later")
         self.used += n
 
     def release(self, n: int) -> None:
@@ -106,23 +141,39 @@ class KVStoreService:
         self.metrics = metrics
         self.ready = False
         self._inflight = _InflightBudget(limits.max_inflight_put_bytes)
+        self._stopping: asyncio.Future | None = None
+
+    def begin_shutdown(self) -> None:
+        """From now on, Put streams idle for :data:`SHUTDOWN_IDLE_S` are ended (UNAVAILABLE)."""
+        stopping = self._stop_future()
+        if not stopping.done():
+            stopping.set_result(None)
+
+    def _stop_future(self) -> asyncio.Future:
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_future()
+        return self._stopping
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Put": grpc.stream_unary_rpc_method_handler(
-                self.Put, request_deserializer=wire.parse_put_request,
+                self.Put, request_deserializer=_lenient(wire.parse_put_request, "PutRequest"),
                 response_serializer=pb.PutResponse.SerializeToString),
             "Get": grpc.unary_stream_rpc_method_handler(
-                self.Get, request_deserializer=pb.GetRequest.FromString, response_serializer=wire.passthrough),
+                self.Get, request_deserializer=_lenient(pb.GetRequest.FromString, "GetRequest"),
+                response_serializer=wire.passthrough),
             "Exists": grpc.unary_unary_rpc_method_handler(
-                self.Exists, request_deserializer=pb.ExistsRequest.FromString,
+                self.Exists, request_deserializer=_lenient(pb.ExistsRequest.FromString, "ExistsRequest"),
                 response_serializer=pb.ExistsResponse.SerializeToString),
             "Delete": grpc.unary_unary_rpc_method_handler(
-                self.Delete, request_deserializer=pb.DeleteRequest.FromString,
+                self.Delete, request_deserializer=_lenient(pb.DeleteRequest.FromString, "DeleteRequest"),
                 response_serializer=pb.DeleteResponse.SerializeToString),
             "Stats": grpc.unary_unary_rpc_method_handler(
-                self.Stats, request_deserializer=pb.StatsRequest.FromString,
+                self.Stats, request_deserializer=_lenient(pb.StatsRequest.FromString, "StatsRequest"),
                 response_serializer=pb.StatsResponse.SerializeToString),
+            "Lookup": grpc.unary_unary_rpc_method_handler(
+                self.Lookup, request_deserializer=_lenient(pb.LookupRequest.FromString, "LookupRequest"),
+                response_serializer=pb.LookupResponse.SerializeToString),
         })
 
     # ----------------------------------------------------------------------------------------------- helpers
@@ -149,13 +200,42 @@ class KVStoreService:
         return [self._key(k) for k in keys]
 
     # ----------------------------------------------------------------------------------------------- handlers
+    async def _next_message(self, stream, context):
+        """The next Put message, or ``_END``; ends idle streams (DEADLINE_EXCEEDED; UNAVAILABLE at shutdown)."""
+
+        async def receive():
+            try:
+                return await stream.__anext__()
+            except StopAsyncIteration:
+                return _END
+
+        task = asyncio.ensure_future(receive())
+        stopping = self._stop_future()
+        try:
+            idle = self.limits.put_idle_timeout_s
+            if not stopping.done():
+                await asyncio.wait((task, stopping), timeout=idle, return_when=asyncio.FIRST_COMPLETED)
+                if not task.done() and not stopping.done():
+                    raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"Put stream sent nothing for {idle:g} s; closed (put_idle_timeout_s)")
+            if not task.done():  # shutting down: an idle stream does not hold the server up
+                await asyncio.wait((task,), timeout=min(idle, SHUTDOWN_IDLE_S))
+                if not task.done():
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                                       "server is shutting down and this Put stream is idle; retry elsewhere")
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+
     @_instrumented
     async def Put(self, request_iterator, context) -> pb.PutResponse:
         stream = request_iterator.__aiter__()
-        try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            raise RequestError(_INVALID, "empty Put stream: the first message must carry a header") from None
+        first = await self._next_message(stream, context)
+        if first is _END:
+            raise RequestError(_INVALID, "empty Put stream: the first message must carry a header")
+        if isinstance(first, Malformed):
+            first.raise_error()
         if not isinstance(first, pb.PutRequest) or not first.HasField("header"):
             raise RequestError(_INVALID, "the first Put message must carry a header (key, total_bytes, crc32)")
         header = first.header
@@ -164,40 +244,46 @@ class KVStoreService:
         if total > self.limits.max_object_bytes:
             raise RequestError(_EXHAUSTED, f"object of {total} bytes exceeds the limit of "
                                            f"{self.limits.max_object_bytes} bytes")
-        self._inflight.reserve(total)
+        # Memory follows the bytes that arrive: nothing is allocated or reserved for the declared size.
+        buffer = bytearray()
+        reserved = 0
+        crc = 0
         try:
-            buffer = bytearray(total)
-            view = memoryview(buffer)
-            offset = 0
-            crc = 0
-            pending = [first.data] if first.data else []
+            msg = first
             while True:
-                for chunk in pending:
-                    n = len(chunk)
-                    if offset + n > total:
-                        raise RequestError(_INVALID, f"Put sent more than the declared total_bytes={total}")
-                    view[offset : offset + n] = chunk
-                    crc = crc32_of(chunk, crc)
-                    offset += n
-                try:
-                    msg = await stream.__anext__()
-                except StopAsyncIteration:
-                    break
                 if isinstance(msg, memoryview):
-                    pending = [msg]
-                elif msg.HasField("header"):
+                    chunk = msg
+                elif isinstance(msg, Malformed):
+                    msg.raise_error()
+                elif msg is not first and msg.HasField("header"):
                     raise RequestError(_INVALID, "only the first Put message may carry a header")
                 else:
-                    pending = [msg.data]
-            if offset != total:
-                raise RequestError(_INVALID, f"Put sent {offset} bytes but declared total_bytes={total}")
+                    chunk = msg.data
+                n = len(chunk)
+                if n:
+                    if len(buffer) + n > total:
+                        raise RequestError(_INVALID, f"Put sent more than the declared total_bytes={total}")
+                    self._inflight.reserve(n)
+                    reserved += n
+                    buffer += chunk
+                    crc = crc32_of(chunk, crc)
+                msg = await self._next_message(stream, context)
+                if msg is _END:
+                    break
+            if context.cancelled():
+                raise asyncio.CancelledError()
+            if len(buffer) != total:
+                raise RequestError(_INVALID, f"Put sent {len(buffer)} bytes but declared total_bytes={total}")
             if crc != header.crc32:
                 raise RequestError(_INVALID, f"checksum mismatch: received data has crc32 {crc:#010x}, "
                                              f"header says {header.crc32:#010x}")
             obj = StoredObject(buffer, crc, expiry_from_ttl(header.ttl_seconds))
-            tiers = await self.store.put(key, obj)
+            try:
+                tiers = await self.store.put(key, obj)
+            except DiskRequiredError as exc:
+                raise RequestError(_EXHAUSTED, str(exc)) from None
         finally:
-            self._inflight.release(total)
+            self._inflight.release(reserved)
         if not tiers:
             raise RequestError(_EXHAUSTED, f"no tier could hold an object of {total} bytes "
                                            "(larger than every budget, or the tiers failed)")
@@ -241,8 +327,32 @@ class KVStoreService:
                 name=t.name, objects=len(t) if hasattr(t, "used_bytes") else 0,
                 bytes=getattr(t, "used_bytes", 0), budget_bytes=t.budget_bytes, hits=t.hits,
                 evictions=t.evictions, available=getattr(t, "available", True),
+                errors=getattr(t, "errors", 0), last_error=getattr(t, "last_error", ""),
             )
             for t in s.tiers()
         ]
         return pb.StatsResponse(tiers=tiers, misses=s.misses, bytes_in=s.bytes_in, bytes_out=s.bytes_out,
                                 corrupt_objects=s.corrupt)
+
+    @_instrumented
+    async def Lookup(self, request: pb.LookupRequest, context) -> pb.LookupResponse:
+        if not request.model_id or not request.profile_id:
+            raise RequestError(_INVALID, "Lookup needs a non-empty model_id and profile_id")
+        chunk = request.chunk_tokens or DEFAULT_LOOKUP_CHUNK_TOKENS
+        if chunk > MAX_LOOKUP_CHUNK_TOKENS:
+            raise RequestError(_INVALID, f"chunk_tokens {chunk} is above {MAX_LOOKUP_CHUNK_TOKENS}")
+        n = len(request.token_ids)
+        if n > self.limits.max_lookup_tokens:
+            raise RequestError(_INVALID, f"{n} token ids in one Lookup; the limit is {self.limits.max_lookup_tokens}")
+        if n // chunk > self.limits.max_keys_per_call:
+            raise RequestError(_INVALID, f"{n // chunk} chunks in one Lookup; the limit is "
+                                         f"{self.limits.max_keys_per_call}")
+        parent = bytes(request.parent)
+        if parent:
+            self._key(parent)
+        keys = await asyncio.to_thread(chunk_keys, request.token_ids, request.model_id, request.profile_id,
+                                       chunk, parent)
+        sizes = await self.store.sizes(keys)
+        cached = next((i for i, size in enumerate(sizes) if size is None), len(sizes))
+        return pb.LookupResponse(keys=keys, sizes=[size or 0 for size in sizes], cached_chunks=cached,
+                                 cached_tokens=cached * chunk)

@@ -17,6 +17,7 @@ LRU position) is rebuilt from the file headers on open, ordered by modification 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -47,6 +48,11 @@ class DiskStoreError(RuntimeError):
     """The disk directory cannot be used (locked by another server, not writable, not a store)."""
 
 
+# Write errors that mean the disk cannot take objects at all (rather than one bad object): the tier reports
+# itself down until a write succeeds again.
+_DISK_DOWN_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
+
+
 @dataclass
 class _Entry:
     file_bytes: int
@@ -58,7 +64,13 @@ class DiskTier:
     """Durable object store in a directory, bounded by ``budget_bytes`` of file sizes.
 
     Thread-safe; the methods block on file I/O, so an asyncio server calls them in worker threads.
-    Call :meth:`open` before use and :meth:`close` after.
+    Call :meth:`open` (or :meth:`lock` then :meth:`load`) before use and :meth:`close` after.
+
+    Writes in progress are charged to the budget before their first byte is written (older objects are
+    evicted to make room), so the directory never holds more than ``budget_bytes`` of object files, even with
+    many concurrent writers. A write that fails for lack of space (ENOSPC, EDQUOT, EFBIG) or a read-only or
+    failing device (EROFS, EIO) counts in :attr:`errors` and marks the tier unavailable (:attr:`available`,
+    :attr:`last_error`) until a write succeeds again.
     """
 
     name = "disk"
@@ -73,13 +85,30 @@ class DiskTier:
         self._bytes = 0
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
+        self._reserved = 0
         self.hits = 0
         self.evictions = 0
         self.corrupt = 0
+        self.errors = 0
+        self.available = True
+        self.last_error = ""
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def open(self) -> int:
         """Lock the directory, clear unfinished writes, rebuild the index; return the number of objects."""
+        self.lock()
+        return self.load()
+
+    def lock(self) -> None:
+        """Create the layout if needed and take the directory's lock (fast; no scan).
+
+        Raises
+        ------
+        DiskStoreError
+            If the directory cannot be created or is locked by another server.
+        """
+        if self._lock_fd is not None:
+            return
         try:
             (self.root / "objects").mkdir(parents=True, exist_ok=True)
             (self.root / "tmp").mkdir(exist_ok=True)
@@ -95,6 +124,10 @@ class DiskTier:
             os.close(fd)
             raise DiskStoreError(f"disk directory {self.root} is in use by another kvstore server") from exc
         self._lock_fd = fd
+
+    def load(self) -> int:
+        """Clear unfinished writes and rebuild the index from the file headers; return the number of objects."""
+        self.lock()
         for leftover in (self.root / "tmp").iterdir():
             leftover.unlink(missing_ok=True)
         found = []
@@ -257,43 +290,88 @@ class DiskTier:
 
     # ----------------------------------------------------------------------------------------------- updates
     def put(self, key: bytes, obj: StoredObject) -> bool:
-        """Durably write ``obj`` (atomic replace); False if it is larger than the budget or the write fails."""
+        """Durably write ``obj`` (atomic replace); False if it cannot fit in the budget or the write fails.
+
+        The file's size is reserved against the budget before writing (evicting older objects), so concurrent
+        writers never push the directory over it; if reservations of other writes in progress leave no room,
+        the write is skipped (False).
+        """
         name = key_digest(key)
         head = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(key), obj.size, obj.crc32, int(obj.expires_at * 1000))
         head += key
         head += HEADER_CRC.pack(crc32_of(head))
         file_bytes = len(head) + obj.size
-        if file_bytes > self.budget_bytes:
+        if file_bytes > self.budget_bytes or not self._reserve(file_bytes):
             return False
         final = self._path(name)
         tmp = self.root / "tmp" / f"{name}.{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}.part"
         try:
-            final.parent.mkdir(exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                self._write_all(fd, head)
-                self._write_all(fd, obj.data)
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            with self._lock:
-                os.replace(tmp, final)
-                self._drop_locked(name, unlink=False)
-                self._index[name] = _Entry(file_bytes, obj.size, obj.expires_at)
-                self._bytes += file_bytes
-                self._evict_locked(keep=name)
-            if self.fsync:
-                dir_fd = os.open(final.parent, os.O_RDONLY)
+                final.parent.mkdir(exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
-                    os.fsync(dir_fd)
+                    self._write_all(fd, head)
+                    self._write_all(fd, obj.data)
+                    if self.fsync:
+                        os.fsync(fd)
                 finally:
-                    os.close(dir_fd)
+                    os.close(fd)
+                with self._lock:
+                    os.replace(tmp, final)
+                    self._reserved -= file_bytes
+                    file_bytes_charged, file_bytes = file_bytes, 0
+                    self._drop_locked(name, unlink=False)
+                    self._index[name] = _Entry(file_bytes_charged, obj.size, obj.expires_at)
+                    self._bytes += file_bytes_charged
+                    self._evict_locked(keep=name)
+                if self.fsync:
+                    dir_fd = os.open(final.parent, os.O_RDONLY)
+                    try:
+                        os.fsync(dir_fd)
+                    finally:
+                        os.close(dir_fd)
+            finally:
+                if file_bytes:  # not committed: give the reservation back
+                    with self._lock:
+                        self._reserved -= file_bytes
         except OSError as exc:
-            log.error("disk tier: write of %s failed: %s", final, exc)
+            self._write_failed(final, exc)
             tmp.unlink(missing_ok=True)
             return False
+        if not self.available:
+            log.warning("disk tier %s accepts writes again", self.root)
+            self.available = True
+            self.last_error = ""
         return True
+
+    def _reserve(self, file_bytes: int) -> bool:
+        """Charge a write in progress to the budget, evicting least recently used objects to make room."""
+        with self._lock:
+            while self._bytes + self._reserved + file_bytes > self.budget_bytes and self._index:
+                victim = next(iter(self._index))
+                self._drop_locked(victim)
+                self.evictions += 1
+            if self._bytes + self._reserved + file_bytes > self.budget_bytes:
+                return False  # the rest of the budget is reserved by other writes in progress
+            self._reserved += file_bytes
+            return True
+
+    def _write_failed(self, path: Path, exc: OSError) -> None:
+        self.errors += 1
+        message = f"write of {path} failed: {exc.strerror or exc}"
+        if exc.errno in _DISK_DOWN_ERRNOS:
+            if self.available:
+                log.error("disk tier %s cannot take writes (%s); Puts are not durable until it can", self.root,
+                          exc.strerror or exc)
+            self.available = False
+            self.last_error = message
+        else:
+            log.error("disk tier: %s", message)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes charged to writes in progress."""
+        return self._reserved
 
     @staticmethod
     def _write_all(fd: int, data: bytes | bytearray) -> None:

@@ -12,7 +12,11 @@ reassembled object, so a torn or stale read is reported as missing, never served
 
 When Redis does not answer (connection refused, timeout), the tier marks itself unavailable, logs once, counts
 the error, and skips Redis for a back-off period (doubling up to ``max_backoff_s``) so requests are served from
-the local tiers without waiting on timeouts; the first successful call afterwards logs the recovery.
+the local tiers without waiting on timeouts; the first successful call afterwards logs the recovery. On a
+Redis Cluster the back-off is per hash slot: a dead master makes only its own slots miss, objects on the
+surviving masters are still read.
+
+The URL may hold a password: everything logged shows it redacted (:func:`~kvrecall.kvstore.secrets.redact_url`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import TypeVar
 
 from kvrecall.kvstore.keys import key_digest
 from kvrecall.kvstore.objects import StoredObject, crc32_of
+from kvrecall.kvstore.secrets import redact_text, redact_url
 
 __all__ = ["RedisTier", "RedisUnavailable"]
 
@@ -66,7 +71,8 @@ class RedisTier:
 
         if part_bytes < 1:
             raise ValueError(f"part_bytes must be positive, got {part_bytes}")
-        self.url = url
+        self._url = url
+        self.url = redact_url(url)  # for messages: never the password
         self.part_bytes = part_bytes
         self.prefix = prefix.encode()
         self.budget_bytes = 0
@@ -83,6 +89,8 @@ class RedisTier:
         self._backoff = min_backoff_s
         self._skip_until = 0.0
         self.available = True
+        self.last_error = ""
+        self._slots: dict[int, tuple[float, float]] = {}  # cluster: slot -> (skip until, back-off)
         self.hits = 0
         self.errors = 0
         self.corrupt = 0
@@ -91,31 +99,58 @@ class RedisTier:
     async def close(self) -> None:
         await self._client.aclose()
 
+    def _redact(self, exc: BaseException) -> str:
+        return redact_text(str(exc) or type(exc).__name__, self._url)
+
+    def _slot(self, key: bytes) -> int | None:
+        if not self.cluster:
+            return None
+        from redis.crc import key_slot
+
+        return key_slot(self._meta_key(key))
+
     # ----------------------------------------------------------------------------------------------- health
-    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, fn: Callable[[], Awaitable[T]], key: bytes | None = None) -> T:
+        """Run one Redis operation with the availability bookkeeping (per slot of ``key`` on a cluster)."""
         import redis.exceptions as rex
 
-        if not self.available and time.monotonic() < self._skip_until:
+        slot = self._slot(key) if key is not None else None
+        now = time.monotonic()
+        if slot is not None:
+            state = self._slots.get(slot)
+            if state is not None and now < state[0]:
+                raise RedisUnavailable(f"redis cluster slot {slot} at {self.url} is down (skipping until it answers)")
+        elif not self.available and now < self._skip_until:
             raise RedisUnavailable(f"redis at {self.url} is down (skipping until it answers again)")
         try:
             result = await fn()
         except rex.ResponseError as exc:  # Redis answered but refused (e.g. out of memory): skip it this time
             self.errors += 1
-            log.warning("redis tier %s refused a call: %s", self.url, exc)
-            raise RedisUnavailable(str(exc)) from exc
+            log.warning("redis tier %s refused a call: %s", self.url, self._redact(exc))
+            raise RedisUnavailable(self._redact(exc)) from None
         except (rex.RedisError, rex.RedisClusterException, OSError, TimeoutError) as exc:
             self.errors += 1
+            message = self._redact(exc)
             if self.available:
-                log.warning("redis tier %s unavailable (%s); serving from local tiers", self.url, exc)
-                self._backoff = self._min_backoff
+                log.warning("redis tier %s unavailable (%s); serving from local tiers", self.url, message)
+            self.last_error = message
+            if slot is not None:
+                state = self._slots.get(slot)
+                backoff = self._min_backoff if state is None else min(state[1] * 2, self._max_backoff)
+                self._slots[slot] = (time.monotonic() + backoff, backoff)
             else:
-                self._backoff = min(self._backoff * 2, self._max_backoff)
+                self._backoff = self._min_backoff if self.available else min(self._backoff * 2, self._max_backoff)
+                self._skip_until = time.monotonic() + self._backoff
             self.available = False
-            self._skip_until = time.monotonic() + self._backoff
-            raise RedisUnavailable(str(exc)) from exc
-        if not self.available:
+            raise RedisUnavailable(message) from None
+        if slot is not None:
+            self._slots.pop(slot, None)
+        if not self.available and (slot is None or not self._slots):
+            if slot is None:
+                self._slots.clear()
             log.warning("redis tier %s is back", self.url)
             self.available = True
+            self.last_error = ""
         return result
 
     async def ping(self) -> bool:
@@ -170,7 +205,7 @@ class RedisTier:
                     expire.pexpire(self._part_key(key, previous[5], i), _OLD_GENERATION_TTL_MS)
                 await expire.execute()
 
-        await self._call(write)
+        await self._call(write, key)
         return True
 
     async def get(self, key: bytes) -> StoredObject | None:
@@ -195,13 +230,13 @@ class RedisTier:
                 offset += len(part)
             if offset != size or crc32_of(data) != crc:
                 self.corrupt += 1
-                log.warning("redis tier: object under meta %r failed its checksum; ignored", meta_key)
+                log.warning("redis tier: object under meta %r failed its checksum; ignored", meta_key.decode())
                 return None
             self.hits += 1
             return StoredObject(data, crc, expires_at, tier=self.name)
 
         # Parts of one object share a hash-tag slot, so MGET works on Redis Cluster as well.
-        return await self._call(read)
+        return await self._call(read, key)
 
     async def sizes(self, keys: list[bytes]) -> list[int | None]:
         """Object size per key (None where absent), with one round trip."""
@@ -217,7 +252,23 @@ class RedisTier:
                 out.append(None if meta is None else meta[0])
             return out
 
-        return await self._call(read)
+        try:
+            return await self._call(read)
+        except RedisUnavailable:
+            if not self.cluster or len(keys) == 1:
+                raise
+        # On a cluster with a master down, ask key by key so the slots that answer still count.
+        out = []
+        for key in keys:
+            try:
+                out.append(await self._call(lambda key=key: self._meta_size(key), key))
+            except RedisUnavailable:
+                out.append(None)
+        return out
+
+    async def _meta_size(self, key: bytes) -> int | None:
+        meta = self._parse_meta(await self._client.get(self._meta_key(key)), key)
+        return None if meta is None else meta[0]
 
     async def delete(self, key: bytes) -> bool:
         meta_key = self._meta_key(key)
@@ -233,4 +284,4 @@ class RedisTier:
             await pipe.execute()
             return True
 
-        return await self._call(remove)
+        return await self._call(remove, key)

@@ -221,17 +221,18 @@ def test_inflight_put_budget_bounds_receive_buffers(tmp_path):
     gate = threading.Event()
     blob = payload("inflight", 800_000)
 
-    def held_back():
+    def held_back():  # half the object arrives, then the stream waits: 500,000 received bytes are held
         yield header(b"first", blob)
+        yield data_msg(blob[:500_000])
         gate.wait(30)
-        yield data_msg(blob)
+        yield data_msg(blob[500_000:])
 
     with BackgroundServer(config(tmp_path, limits=limits)) as srv, grpc.insecure_channel(srv.target) as ch:
         first = ch.stream_unary("/kvrecall.kvstore.v1.KVStore/Put", request_serializer=None,
                                 response_deserializer=pb.PutResponse.FromString).future(held_back(), timeout=30)
         with KVStoreClient(srv.target, retries=0) as kv:
             deadline = time.monotonic() + 10
-            while srv.server.service._inflight.used == 0:  # the first Put has reserved its bytes
+            while srv.server.service._inflight.used < 500_000:  # the first Put holds the bytes it received
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             with pytest.raises(KVStoreError) as err:

@@ -85,7 +85,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("name", "objects", "bytes", "budget_bytes", "hits", "evictions", "available")
+    __slots__ = ("name", "objects", "bytes", "budget_bytes", "hits", "evictions", "available", "errors", "last_error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,8 @@ class TierStats(_message.Message):
     HITS_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     objects: int
     bytes: int
@@ -100,7 +102,9 @@ class TierStats(_message.Message):
     hits: int
     evictions: int
     available: bool
-    def __init__(self, name: _Optional[str] = ..., objects: _Optional[int] = ..., bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., available: _Optional[bool] = ...) -> None: ...
+    errors: int
+    last_error: str
+    def __init__(self, name: _Optional[str] = ..., objects: _Optional[int] = ..., bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., available: _Optional[bool] = ..., errors: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("tiers", "misses", "bytes_in", "bytes_out", "corrupt_objects")
@@ -115,3 +119,29 @@ class StatsResponse(_message.Message):
     bytes_out: int
     corrupt_objects: int
     def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., misses: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., corrupt_objects: _Optional[int] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("model_id", "profile_id", "chunk_tokens", "token_ids", "parent")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    profile_id: str
+    chunk_tokens: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    parent: bytes
+    def __init__(self, model_id: _Optional[str] = ..., profile_id: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., parent: _Optional[bytes] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("keys", "sizes", "cached_chunks", "cached_tokens")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    cached_chunks: int
+    cached_tokens: int
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., sizes: _Optional[_Iterable[int]] = ..., cached_chunks: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...

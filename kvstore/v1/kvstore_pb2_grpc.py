@@ -59,6 +59,11 @@ class KVStoreStub:
                 request_serializer=kvrecall_dot_kvstore_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvrecall_dot_kvstore_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Lookup = channel.unary_unary(
+                '/kvrecall.kvstore.v1.KVStore/Lookup',
+                request_serializer=kvrecall_dot_kvstore_dot_v1_dot_kvstore__pb2.LookupRequest.SerializeToString,
+                response_deserializer=kvrecall_dot_kvstore_dot_v1_dot_kvstore__pb2.LookupResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -100,6 +105,14 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Lookup(self, request, context):
+        """The server derives the prefix-chain keys of a token sequence (docs/keys.md) and reports how many leading
+        chunks are stored: an engine needs no hashing of its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvrecall_dot_kvstore_dot_v1_dot_kvstore__pb2.StatsRequest.FromString,
                     response_serializer=kvrecall_dot_kvstore_dot_v1_dot_kvstore__pb2.StatsResponse.SerializeToString,
+            ),
+            'Lookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lookup,
+                    request_deserializer=kvrecall_dot_kvstore_dot_v1_dot_kvstore__pb2.LookupRequest.FromString,
+                    response_serializer=kvrecall_dot_kvstore_dot_v1_dot_kvstore__pb2.LookupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +282,33 @@ class KVStore:
             '/kvrecall.kvstore.v1.KVStore/Stats',
             kvrecall_dot_kvstore_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
             kvrecall_dot_kvstore_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvrecall.kvstore.v1.KVStore/Lookup',
+            kvrecall_dot_kvstore_dot_v1_dot_kvstore__pb2.LookupRequest.SerializeToString,
+            kvrecall_dot_kvstore_dot_v1_dot_kvstore__pb2.LookupResponse.FromString,
             options,
             channel_credentials,
             insecure,
