@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="stories260K only, 3 texts, 1 timing repeat, CacheGen at its middle level only (< 60 s)")
     p.add_argument("--json", type=Path, help="write results here; the rate-distortion plot goes beside it (.png)")
-    p.add_argument("--models", type=Path, nargs="+", help="model folders (default: every model in ../shared/models)")
+    p.add_argument("--models", nargs="+",
+                   help="model names or folders, resolved by kvrecall.models.load_model; the first is the primary "
+                        "model (default: smollm2-135m, then every model in ../shared/models; quick: stories260K)")
     p.add_argument("--texts", type=Path, default=SHARED / "data" / "texts" / "state_union", help="evaluation texts")
     p.add_argument("--calib-texts", type=Path, default=SHARED / "data" / "texts" / "gutenberg",
                    help="texts to calibrate our codec profile on (must be disjoint from --texts)")
@@ -58,8 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.models is None:
         root = SHARED / "models"
         found = sorted(d.name for d in root.iterdir() if (d / "config.json").is_file())
-        names = ["stories260K"] if args.quick else found
-        args.models = [root / n for n in names]
+        args.models = [str(root / "stories260K")] if args.quick else ["smollm2-135m"] + [str(root / n) for n in found]
     args.n_texts = args.n_texts or (3 if args.quick else 12)
     args.repeats = args.repeats or (1 if args.quick else 3)
     for name in ("n_texts", "context", "cont", "chunk", "repeats", "threads"):
@@ -107,7 +108,7 @@ class OurCodec:
         return [self.encoder.decode(b, profile=self.profile) for b in blobs]
 
 
-def load_ours(model, tok, model_path: Path, calib_dir: Path, context: int, chunk: int) -> tuple[list[OurCodec], dict]:
+def load_ours(model, tok, model_path: str, calib_dir: Path, context: int, chunk: int) -> tuple[list[OurCodec], dict]:
     """Our codec at every level, its profile calibrated on ``calib_dir`` texts; ``([], info)`` if not built yet.
 
     Calibration samples: the prefill KV of the first ``context`` tokens of each calibration text (texts shorter
@@ -165,11 +166,9 @@ def coder_overhead(our_blobs: dict[str, tuple[OurCodec, list[bytes]]]) -> dict |
     try:
         import numpy as np
 
-        from kvrecall.encoder import codec as enc_codec
+        from kvrecall.encoder import decode_symbols, parse_chunk
         from kvrecall.encoder.tables import apply_delta
     except ImportError:
-        return None
-    if not hasattr(enc_codec, "_resolve"):
         return None
     from codec_metrics import empirical_entropy_bits
 
@@ -179,9 +178,9 @@ def coder_overhead(our_blobs: dict[str, tuple[OurCodec, list[bytes]]]) -> dict |
         pooled_counts: dict[int, np.ndarray] = {}
         payload = chunk_h = ideal = 0.0
         for i, data in enumerate(blobs):
-            parsed = enc_codec._resolve(data, codec.profile)
+            parsed = parse_chunk(data, codec.profile)
             h, ts = parsed.header, parsed.tables
-            coded = apply_delta(enc_codec.decode_symbols(data, codec.profile).symbols.numpy(), h.delta)
+            coded = apply_delta(decode_symbols(data, codec.profile).symbols.numpy(), h.delta)
             tids = np.broadcast_to(ts.tmap[:, :, :, None, :], coded.shape).reshape(-1)
             idx = coded.reshape(-1).astype(np.int64) - ts.lo[tids]
             sizes = ts.sizes[tids]
@@ -287,15 +286,16 @@ def measure(model, codec: BaselineCodec | OurCodec, case: TextCase, chunk: int, 
     return blobs
 
 
-def run_model(path: Path, args: argparse.Namespace) -> tuple[list[dict], dict]:
+def run_model(path: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
     """All rows of one model, plus facts about our codec on it (profile size, coder overhead)."""
     from tqdm import tqdm
 
     from kvrecall.models import load_model
 
     model, tok = load_model(path)
-    label = MODEL_LABELS.get(path.name, path.name)
-    context, cont = MODEL_LENGTHS.get(path.name, (256, 256))
+    name = Path(path).name
+    label = MODEL_LABELS.get(name, name)
+    context, cont = MODEL_LENGTHS.get(name, (256, 256))
     context, cont = args.context or context, args.cont or cont
     cases = build_cases(model, tok, args.texts, args.n_texts, context, cont)
     ours, info = load_ours(model, tok, path, args.calib_texts, context + cont, args.chunk)

@@ -39,8 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer texts, levels and repeats (< 60 s)")
     p.add_argument("--json", type=Path, help="write results here; a bar plot goes beside it (.png)")
-    p.add_argument("--models", type=Path, nargs="+",
-                   default=[SHARED / "models" / "fixture-hd64", SHARED / "models" / "stories260K"])
+    p.add_argument("--models", nargs="+", default=None,
+                   help="model names or folders (kvrecall.models.load_model); the first is the primary model "
+                        "(default: smollm2-135m, fixture-hd64, stories260K; quick: fixture-hd64, stories260K)")
     p.add_argument("--texts", type=Path, default=SHARED / "data" / "texts" / "state_union", help="evaluation texts")
     p.add_argument("--calib-texts", type=Path, default=SHARED / "data" / "texts" / "gutenberg")
     p.add_argument("--n-texts", type=int, help="evaluation texts per model (default 2 quick, 6 full)")
@@ -53,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.n_texts = args.n_texts or (2 if args.quick else 6)
     args.n_calib = args.n_calib or (3 if args.quick else 8)
     args.repeats = args.repeats or (3 if args.quick else 7)
+    if args.models is None:
+        small = [str(SHARED / "models" / "fixture-hd64"), str(SHARED / "models" / "stories260K")]
+        args.models = small if args.quick else ["smollm2-135m"] + small
     for name in ("n_texts", "n_calib", "context", "chunk", "repeats", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -77,21 +81,19 @@ def kv_samples(model, tok, texts_dir: Path, n: int, tokens: int) -> list:
 
 def lockstep_args(blobs: list[bytes], profile) -> dict:
     """The ``decode_lockstep`` arguments ``decode_many`` builds for ``blobs`` (one level: one table set, one G)."""
-    from kvrecall.encoder import codec as enc_codec
+    from kvrecall.encoder import parse_chunk
 
-    parts = [enc_codec._resolve(b, profile) for b in blobs]
+    parts = [parse_chunk(b, profile) for b in blobs]
     if len({(p.table_key, p.header.channels_per_stream) for p in parts}) != 1:
         raise SystemExit("chunks of one level must share tables and G")
     ts, group = parts[0].tables, parts[0].header.channels_per_stream
     words = np.concatenate(
-        [np.frombuffer(p.data, dtype="<u2", count=p.header.payload_words, offset=p.header.payload_offset) for p in parts]
-    ).astype(np.uint32)
+[p.payload_words() for p in parts]).astype(np.uint32)
     base = np.cumsum([0] + [p.header.payload_words for p in parts])[:-1]
     starts = np.concatenate([p.header.stream_word_offsets + b for p, b in zip(parts, base)]).astype(np.int64)
     ends = starts + np.concatenate([p.header.stream_word_counts for p in parts]).astype(np.int64)
     lengths = np.concatenate([np.full(p.header.n_streams, p.header.symbols_per_stream) for p in parts]).astype(np.int64)
-    tab = enc_codec._stream_tables(ts.tmap, group)
-    tabs = np.tile(tab, (len(parts), 1))
+    tabs = np.concatenate([p.stream_tables() for p in parts])
     return {"words": words, "starts": starts, "lengths": lengths, "table_cols": np.ascontiguousarray(tabs.T),
             "tables": ts.rans, "ends": ends, "value_lut": ts.value_lut}
 
@@ -114,13 +116,13 @@ def time_pair(fn_a, fn_b, repeats: int) -> tuple[dict, dict, object, object]:
     return med[0], med[1], results[0], results[1]
 
 
-def run_model(path: Path, args: argparse.Namespace, native) -> list[dict]:
+def run_model(path: str, args: argparse.Namespace, native) -> list[dict]:
     import kvrecall.encoder as enc
     from kvrecall.encoder.rans import decode_lockstep, encode_lockstep
     from kvrecall.models import load_model, model_fingerprint
 
     model, tok = load_model(path)
-    label = MODEL_LABELS.get(path.name, path.name)
+    label = MODEL_LABELS.get(Path(path).name, Path(path).name)
     profile = enc.CodecProfile.calibrate(
         kv_samples(model, tok, args.calib_texts, args.n_calib, args.context), model_fingerprint(path)
     )

@@ -7,10 +7,12 @@ Public API::
     encode_many(kvs, profile=None, level="medium") -> list[bytes] # same bytes, streams of all chunks in one loop
     decode(data, profile=None, device="cpu", dtype=None) -> Tensor[L, 2, H, T, D]
     decode_many(chunks, profile=None, ...) -> list[Tensor]        # all streams of all chunks in one loop
-    decode_symbols(data, profile=None) -> QuantizedKV             # integer symbols + steps, no dequantization
-    quantize(kv, profile=None, level=...) -> QuantizedKV ; dequantize(q) -> Tensor
+    decode_symbols(data, profile=None) -> QuantizedChunk             # integer symbols + steps, no dequantization
+    quantize(kv, profile=None, level=...) -> QuantizedChunk ; dequantize(q) -> Tensor
     CodecProfile.calibrate(kv_samples, model_id) ; profile.save(path) ; CodecProfile.load(path)
     parse_header(data) -> ChunkHeader ; LEVELS ; CodecError
+    parse_chunk(data, profile=None) -> ParsedChunk   # header + tables + steps + payload views, for decoders
+    finish_symbols(coded, delta, n_escapes, escape_values)  # escapes/delta/range, numpy or torch, in place
 
 Guarantee: ``decode(encode(x, p, lvl), p) == dequantize(quantize(x, p, lvl))`` exactly.
 The bitstream is specified in ``docs/format.md``.
@@ -23,19 +25,22 @@ from kvrecall.encoder.codec import (
     decode_symbols,
     encode,
     encode_many,
+    parse_chunk,
+    ParsedChunk,
     quantize,
 )
 from kvrecall.encoder.errors import CodecError
 from kvrecall.encoder.format import ChunkHeader, parse_header
 from kvrecall.encoder.profile import CodecProfile
-from kvrecall.encoder.quantize import LEVELS, QuantizedKV, dequantize
+from kvrecall.encoder.tables import finish_symbols
+from kvrecall.encoder.quantize import LEVELS, QuantizedChunk, dequantize
 
 __all__ = [
     "CodecError",
     "CodecProfile",
     "ChunkHeader",
     "LEVELS",
-    "QuantizedKV",
+    "QuantizedChunk",
     "encode",
     "encode_many",
     "decode",
@@ -45,4 +50,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "parse_header",
+    "parse_chunk",
+    "ParsedChunk",
+    "finish_symbols",
 ]

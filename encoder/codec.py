@@ -21,7 +21,7 @@ from kvrecall.encoder.quantize import (
     SYMBOL_LIMIT,
     LEVEL_STEP,
     LEVELS,
-    QuantizedKV,
+    QuantizedChunk,
     check_kv,
     dequantize,
     layer_step_factors,
@@ -38,10 +38,13 @@ from kvrecall.encoder.tables import (
     parse_tables,
     serialize_tables,
     table_from_values,
-    undo_delta,
+    finish_symbols,
 )
 
-__all__ = ["encode", "encode_many", "decode", "decode_many", "decode_symbols", "quantize", "STREAM_TARGET", "choose_group"]
+__all__ = [
+    "encode", "encode_many", "decode", "decode_many", "decode_symbols", "decode_many_symbols", "quantize",
+    "parse_chunk", "ParsedChunk", "STREAM_TARGET", "choose_group",
+]
 
 STREAM_TARGET = 2048  # minimum symbols per stream when the head has enough channels
 DEFAULT_SCALE_BITS = 12
@@ -115,7 +118,7 @@ def _fallback_scales(x: torch.Tensor, li: int) -> tuple[torch.Tensor, torch.Tens
 
 def quantize(
     kv: torch.Tensor, profile: CodecProfile | None = None, level: str | int = "medium", keys_pre_rope: bool = True
-) -> QuantizedKV:
+) -> QuantizedChunk:
     """Quantize ``kv`` ``[L, 2, H, T, D]`` with the steps of ``profile`` (or of the chunk itself) at ``level``."""
     check_kv(kv)
     li = level_index(level)
@@ -310,7 +313,24 @@ def encode_many(
 
 # ---------------------------------------------------------------------------------------------------- decode
 @dataclass
-class _Parsed:
+class ParsedChunk:
+    """A validated chunk with everything a decoder (CPU or GPU) needs, from :func:`parse_chunk`.
+
+    Attributes
+    ----------
+    header : ChunkHeader
+        Validated header (section offsets, stream word counts/offsets, delta flags, escape count).
+    data : memoryview
+        The chunk's bytes (views below point into it; nothing is copied).
+    tables : TableSet
+        The rANS tables the streams were coded with (the profile's for ``header.level``, or the chunk's own).
+    step, offset : Tensor[L, 2, H, D], float32
+        ``x_hat = symbols * step + offset`` per channel.
+    table_key : object
+        Equal for chunks that share ``tables`` (a ``(profile_id, level index)`` tuple for profile chunks); a
+        fresh object for self-contained chunks.
+    """
+
     header: ChunkHeader
     data: memoryview
     tables: TableSet
@@ -318,10 +338,41 @@ class _Parsed:
     offset: torch.Tensor
     table_key: object
 
+    def payload_words(self) -> np.ndarray:
+        """The rANS payload: ``ndarray[header.payload_words]``, uint16 view (stream ``s`` starts at
+        ``header.stream_word_offsets[s]``)."""
+        h = self.header
+        return np.frombuffer(self.data, dtype="<u2", count=h.payload_words, offset=h.payload_offset)
 
-def _resolve(data: bytes, profile: CodecProfile | None) -> _Parsed:
+    def escape_values(self) -> np.ndarray:
+        """The escape section: ``ndarray[header.n_escapes]``, int32 view, C order of ``[L, 2, H, T, D]``."""
+        h = self.header
+        return np.frombuffer(self.data, dtype="<i4", count=h.n_escapes, offset=h.escapes_offset)
+
+    def stream_tables(self) -> np.ndarray:
+        """Table id of each stream's channel phase: ``ndarray[n_streams, G]``, int64 (symbol ``i`` of stream ``s``
+        uses table ``stream_tables()[s, i % G]``)."""
+        return _stream_tables(self.tables.tmap, self.header.channels_per_stream)
+
+    def finish(self, coded):
+        """:func:`~kvrecall.encoder.tables.finish_symbols` with this chunk's delta flags and escapes (in place)."""
+        return finish_symbols(coded, self.header.delta, self.header.n_escapes, self.escape_values())
+
+
+def parse_chunk(data: bytes | bytearray | memoryview, profile: CodecProfile | None = None) -> ParsedChunk:
+    """Validate a chunk and resolve its tables and steps (from ``profile`` or from the chunk itself).
+
+    Every host-side check of the decoder happens here: header, CRC32, sizes (:func:`parse_header`), the profile
+    match, the tables' frequency rules and the steps/offsets. Decoders (this module, ``kvrecall.kernels``,
+    benches) start from the result.
+
+    Raises
+    ------
+    CodecError
+        Malformed/corrupted chunk, wrong or missing profile, inconsistent settings.
+    """
     h = parse_header(data)
-    mv = memoryview(data)
+    mv = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
     layers, _, heads, _, head_dim = h.shape
     if h.profile_id is not None:
         if profile is None:
@@ -351,10 +402,10 @@ def _resolve(data: bytes, profile: CodecProfile | None) -> _Parsed:
         tmap = np.broadcast_to(np.arange(layers * 2).reshape(layers, 2, 1, 1), (layers, 2, heads, head_dim))
         ts = TableSet(lo, freqs, tmap.copy(), h.scale_bits)
         key = object()
-    return _Parsed(h, mv, ts, step, offset, key)
+    return ParsedChunk(h, mv, ts, step, offset, key)
 
 
-def _decode_group(parts: list[_Parsed]) -> list[np.ndarray]:
+def _decode_group(parts: list[ParsedChunk]) -> list[np.ndarray]:
     """Decode the streams of chunks sharing tables and ``G`` in one lockstep loop.
 
     Returns the symbols of each chunk as an int32 array ``[L, 2, H, T, D // G, G]`` (reshape to
@@ -399,34 +450,19 @@ def _decode_group(parts: list[_Parsed]) -> list[np.ndarray]:
                 raise CodecError("chunk declares no escapes but its streams hold some")
             out.append(view6)
             continue
-        coded = np.ascontiguousarray(view6).reshape(h.shape)
-        esc = coded == ESCAPE
-        n_esc = int(np.count_nonzero(esc))
-        if n_esc != h.n_escapes:
-            raise CodecError(f"chunk declares {h.n_escapes} escapes but its streams hold {n_esc}")
-        check = bool(h.delta.any())
-        if n_esc:
-            ev = np.frombuffer(p.data, dtype="<i4", count=n_esc, offset=h.escapes_offset)
-            if ev.min() < -2 * SYMBOL_LIMIT or ev.max() > 2 * SYMBOL_LIMIT:
-                raise CodecError("chunk has an escaped value outside the symbol range")
-            coded[esc] = ev
-            check = True
-        if h.delta.any():
-            undo_delta(coded, h.delta)
-        if check and (coded.min() < -SYMBOL_LIMIT or coded.max() > SYMBOL_LIMIT):
-            raise CodecError("decoded symbols fall outside the int16 range (corrupted chunk)")
+        coded = p.finish(np.ascontiguousarray(view6).reshape(h.shape))
         out.append(coded.reshape(view6.shape))
     return out
 
 
-def _to_quantized(p: _Parsed, coded6: np.ndarray) -> QuantizedKV:
+def _to_quantized(p: ParsedChunk, coded6: np.ndarray) -> QuantizedChunk:
     h = p.header
     sym = np.empty(h.shape, dtype=np.int16)
     np.copyto(sym.reshape(coded6.shape), coded6, casting="unsafe")  # values are within +-32767 (checked)
-    return QuantizedKV(torch.from_numpy(sym), p.step, p.offset, h.dtype, h.level, h.profile_id, h.keys_pre_rope)
+    return QuantizedChunk(torch.from_numpy(sym), p.step, p.offset, h.dtype, h.level, h.profile_id, h.keys_pre_rope)
 
 
-def _dequantize_coded(p: _Parsed, coded6: np.ndarray, dtype: torch.dtype | None, device) -> torch.Tensor:
+def _dequantize_coded(p: ParsedChunk, coded6: np.ndarray, dtype: torch.dtype | None, device) -> torch.Tensor:
     """Values ``symbols * step + offset`` straight from the int32 symbols ``[L, 2, H, T, D//G, G]`` (one strided
     pass, float32 numpy, then dtype/device)."""
     layers, _, heads, tokens, ng, group = coded6.shape
@@ -439,9 +475,9 @@ def _dequantize_coded(p: _Parsed, coded6: np.ndarray, dtype: torch.dtype | None,
     return torch.from_numpy(x).to(device=device, dtype=dtype or p.header.dtype)
 
 
-def decode_symbols(data: bytes, profile: CodecProfile | None = None) -> QuantizedKV:
+def decode_symbols(data: bytes, profile: CodecProfile | None = None) -> QuantizedChunk:
     """Decode a chunk to its working form (integer symbols + steps/offsets) without dequantizing."""
-    p = _resolve(data, profile)
+    p = parse_chunk(data, profile)
     return _to_quantized(p, _decode_group([p])[0])
 
 
@@ -449,14 +485,14 @@ def decode(
     data: bytes, profile: CodecProfile | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Decode a chunk to ``Tensor[L, 2, H, T, D]`` (``dtype`` defaults to the encoded tensor's dtype)."""
-    p = _resolve(data, profile)
+    p = parse_chunk(data, profile)
     return _dequantize_coded(p, _decode_group([p])[0], dtype, device)
 
 
-def _decode_many_coded(chunks: list[bytes], profile: CodecProfile | None) -> tuple[list[_Parsed], list[np.ndarray]]:
+def _decode_many_coded(chunks: list[bytes], profile: CodecProfile | None) -> tuple[list[ParsedChunk], list[np.ndarray]]:
     if not isinstance(chunks, (list, tuple)):
         raise CodecError(f"decode_many takes a list of chunks, got {type(chunks).__name__}")
-    parsed = [_resolve(c, profile) for c in chunks]
+    parsed = [parse_chunk(c, profile) for c in chunks]
     groups: dict = {}
     # numpy: one lockstep loop for all chunks sharing tables (amortizes per-call overhead). C: chunk by chunk
     # (its cost is per symbol, and a narrow [T*G, S] output keeps its writes cache-local).
@@ -470,7 +506,7 @@ def _decode_many_coded(chunks: list[bytes], profile: CodecProfile | None) -> tup
     return parsed, coded
 
 
-def decode_many_symbols(chunks: list[bytes], profile: CodecProfile | None = None) -> list[QuantizedKV]:
+def decode_many_symbols(chunks: list[bytes], profile: CodecProfile | None = None) -> list[QuantizedChunk]:
     """:func:`decode_symbols` of many chunks, decoding all streams that share tables in one lockstep loop."""
     parsed, coded = _decode_many_coded(chunks, profile)
     return [_to_quantized(p, c) for p, c in zip(parsed, coded)]

@@ -26,7 +26,7 @@ from kvrecall.encoder.errors import CodecError
 __all__ = [
     "LEVELS",
     "LEVEL_STEP",
-    "QuantizedKV",
+    "QuantizedChunk",
     "level_index",
     "layer_step_factors",
     "check_kv",
@@ -76,7 +76,7 @@ def layer_step_factors(num_layers: int) -> np.ndarray:
 
 
 @dataclass
-class QuantizedKV:
+class QuantizedChunk:
     """The working form of a chunk: integer symbols plus the steps/offsets that turn them back into values.
 
     Attributes
@@ -126,17 +126,17 @@ def check_kv(kv: torch.Tensor) -> None:
 
 def quantize_with(
     kv: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, level: str, profile_id: str | None, keys_pre_rope: bool
-) -> QuantizedKV:
+) -> QuantizedChunk:
     """Quantize ``kv`` ``[L, 2, H, T, D]`` with the given ``step``/``offset`` ``[L, 2, H, D]`` (float32)."""
     x = kv.detach().to("cpu", torch.float32)
     st = step.to(torch.float32)[:, :, :, None, :]
     off = offset.to(torch.float32)[:, :, :, None, :]
     q = torch.round((x - off) / st).clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT).to(torch.int16)
-    return QuantizedKV(q, step.to(torch.float32), offset.to(torch.float32), kv.dtype, level, profile_id, keys_pre_rope)
+    return QuantizedChunk(q, step.to(torch.float32), offset.to(torch.float32), kv.dtype, level, profile_id, keys_pre_rope)
 
 
-def dequantize(q: QuantizedKV, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Values of a :class:`QuantizedKV`: ``Tensor[L, 2, H, T, D]`` in ``dtype`` (default: the original dtype)."""
+def dequantize(q: QuantizedChunk, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Values of a :class:`QuantizedChunk`: ``Tensor[L, 2, H, T, D]`` in ``dtype`` (default: the original dtype)."""
     step = q.step.to(torch.float32).numpy()[:, :, :, None, :]
     offset = q.offset.to(torch.float32).numpy()[:, :, :, None, :]
     x = np.multiply(q.symbols.numpy(), step, dtype=np.float32)  # numpy: single-threaded, no torch thread contention

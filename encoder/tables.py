@@ -30,6 +30,7 @@ __all__ = [
     "entropy_bits",
     "serialize_tables",
     "parse_tables",
+    "finish_symbols",
 ]
 
 
@@ -185,3 +186,59 @@ def parse_tables(buf: memoryview, scale_bits: int, n_expected: int) -> tuple[np.
         raise CodecError("table section has trailing bytes")
     build_tables(freqs, scale_bits)  # validates the frequency rules
     return np.array(lo, dtype=np.int64), freqs
+
+
+SYMBOL_RANGE = 32767  # decoded symbols must lie in +-SYMBOL_RANGE (int16); escaped coded values in +-2x that
+
+
+def finish_symbols(coded, delta: np.ndarray, n_escapes: int, escape_values: np.ndarray):
+    """Turn decoded coded values into symbols, in place: fill escapes, undo delta coding, check the range.
+
+    The one implementation of this step, shared by the CPU decoder (numpy) and the Triton decoder (torch, on
+    any device): ``coded`` may be an ``ndarray`` or a ``Tensor``, int32 or int64, ``[L, 2, H, T, D]``.
+
+    Parameters
+    ----------
+    coded : ndarray or Tensor[L, 2, H, T, D], int32/int64
+        Coded values straight from the rANS decoder, :data:`ESCAPE` where an escape symbol was decoded.
+    delta : ndarray[L, 2], bool
+        Which (layer, K/V) were delta coded along tokens.
+    n_escapes : int
+        Escapes the chunk header declares.
+    escape_values : ndarray[n_escapes], int32
+        The chunk's escape section (values in C order of ``[L, 2, H, T, D]``).
+
+    Returns
+    -------
+    ndarray or Tensor
+        ``coded`` itself, now holding the symbols.
+
+    Raises
+    ------
+    CodecError
+        If the escape count disagrees with the header, an escaped value or a symbol is out of range.
+    """
+    import torch
+
+    is_torch = isinstance(coded, torch.Tensor)
+    esc = coded == ESCAPE
+    n_esc = int(esc.sum())
+    if n_esc != n_escapes:
+        raise CodecError(f"chunk declares {n_escapes} escapes but its streams hold {n_esc}")
+    has_delta = bool(np.any(delta))
+    if n_esc:
+        ev = np.asarray(escape_values)
+        if ev.min() < -2 * SYMBOL_RANGE or ev.max() > 2 * SYMBOL_RANGE:
+            raise CodecError("chunk has an escaped value outside the symbol range")
+        coded[esc] = torch.from_numpy(ev.astype(np.int32)).to(coded.device, coded.dtype) if is_torch else ev
+    for l, kv in zip(*np.nonzero(delta)):
+        part = coded[l, kv]
+        if is_torch:  # int64 accumulation then cast: wraps like numpy's int32 out=
+            part.copy_(torch.cumsum(part, dim=1, dtype=torch.int64).to(part.dtype))
+        else:
+            np.cumsum(part, axis=1, out=part)
+    if n_esc or has_delta:
+        lo, hi = (int(v) for v in (torch.aminmax(coded) if is_torch else (coded.min(), coded.max())))
+        if lo < -SYMBOL_RANGE or hi > SYMBOL_RANGE:
+            raise CodecError("decoded symbols fall outside the int16 range (corrupted chunk)")
+    return coded

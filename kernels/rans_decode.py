@@ -22,8 +22,6 @@ Reference twins: :func:`decode_symbols_reference` / :func:`decode_reference` (th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import triton
@@ -49,8 +47,6 @@ __all__ = [
 ]
 
 RANS_L = 1 << 16
-ESCAPE = -(2**31)
-SYMBOL_LIMIT = 32767
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -127,22 +123,11 @@ def _dequant_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- host parsing
-@dataclass
-class _Chunk:
-    header: object
-    data: memoryview
-    tables: object  # kvrecall.encoder.tables.TableSet
-    step: torch.Tensor  # [L, 2, H, D] float32
-    offset: torch.Tensor
-    table_key: object
-
-
-def _parse(data: bytes, profile) -> _Chunk:
+def _parse(data: bytes, profile):
     """Every host-side check of the CPU decoder (header, CRC, profile, tables, scales) — raises CodecError."""
-    from kvrecall.encoder.codec import _resolve  # the codec's own chunk resolution, shared rather than copied
+    from kvrecall.encoder import parse_chunk
 
-    p = _resolve(data, profile)
-    return _Chunk(p.header, p.data, p.tables, p.step, p.offset, p.table_key)
+    return parse_chunk(data, profile)
 
 
 class _DeviceTables:
@@ -159,7 +144,7 @@ class _DeviceTables:
 _TABLE_CACHE: dict = {}
 
 
-def _device_tables(chunk: _Chunk, device: torch.device) -> _DeviceTables:
+def _device_tables(chunk, device: torch.device) -> _DeviceTables:
     key = chunk.table_key
     if isinstance(key, tuple):  # profile tables: shared by every chunk of that (profile, level); keep them
         cache_key = (key, str(device))
@@ -182,7 +167,7 @@ def _as_chunks(chunks) -> list:
 
 
 # ------------------------------------------------------------------------------------------------- decoding
-def _decode_coded(parsed: list[_Chunk], device: torch.device) -> list[torch.Tensor]:
+def _decode_coded(parsed: list, device: torch.device) -> list[torch.Tensor]:
     """Run the rANS kernel over all streams of ``parsed`` (one launch per scale_bits); return coded int32 arrays."""
     from kvrecall.encoder import CodecError
 
@@ -215,7 +200,7 @@ def _decode_coded(parsed: list[_Chunk], device: torch.device) -> list[torch.Tens
             layers, _, heads, tokens, head_dim = h.shape
             g = h.channels_per_stream
             ng = head_dim // g
-            words.append(np.frombuffer(parsed[i].data, dtype="<u2", count=h.payload_words, offset=h.payload_offset))
+            words.append(parsed[i].payload_words())
             starts.append(h.stream_word_offsets + word_base)
             ends.append(h.stream_word_offsets + h.stream_word_counts + word_base)
             nsym.append(np.full(h.n_streams, h.symbols_per_stream, dtype=np.int64))
@@ -224,7 +209,7 @@ def _decode_coded(parsed: list[_Chunk], device: torch.device) -> list[torch.Tens
             gi = np.tile(np.arange(ng, dtype=np.int64), layers * 2 * heads)
             out_base.append(elem_base + lkh * tokens * head_dim + gi * g)
             tstride.append(np.full(h.n_streams, head_dim, dtype=np.int32))
-            tab = parsed[i].tables.tmap.reshape(h.n_streams, g).astype(np.int32) + tb  # §2: table of channel g*G+j
+            tab = parsed[i].stream_tables().astype(np.int32) + tb  # §2: table of channel g*G+j
             tabs.append(np.pad(tab, ((0, 0), (0, g_max - g))))
             word_base += h.payload_words
             elem_base += h.num_elements
@@ -256,30 +241,9 @@ def _decode_coded(parsed: list[_Chunk], device: torch.device) -> list[torch.Tens
     return out
 
 
-def _finish_symbols(p: _Chunk, coded: torch.Tensor) -> torch.Tensor:
-    """Escapes, delta, range check — the CPU decoder's steps, on the device. Returns int32 symbols."""
-    from kvrecall.encoder import CodecError
-
-    h = p.header
-    esc = coded == ESCAPE
-    n_esc = int(esc.sum())
-    if n_esc != h.n_escapes:
-        raise CodecError(f"chunk declares {h.n_escapes} escapes but its streams hold {n_esc}")
-    check = bool(h.delta.any())
-    if n_esc:
-        ev = np.frombuffer(p.data, dtype="<i4", count=n_esc, offset=h.escapes_offset)
-        if ev.min() < -2 * SYMBOL_LIMIT or ev.max() > 2 * SYMBOL_LIMIT:
-            raise CodecError("chunk has an escaped value outside the symbol range")
-        coded[esc] = torch.from_numpy(ev.astype(np.int32)).to(coded.device)  # C order, like numpy
-        check = True
-    for layer, kv in zip(*np.nonzero(h.delta)):
-        part = coded[layer, kv]
-        part.copy_(torch.cumsum(part, dim=1, dtype=torch.int64).to(torch.int32))  # wraps like numpy's int32 out
-    if check:
-        lo, hi = torch.aminmax(coded)
-        if int(lo) < -SYMBOL_LIMIT or int(hi) > SYMBOL_LIMIT:
-            raise CodecError("decoded symbols fall outside the int16 range (corrupted chunk)")
-    return coded
+def _finish_symbols(p, coded: torch.Tensor) -> torch.Tensor:
+    """Escapes, delta, range check: the codec's own :func:`kvrecall.encoder.finish_symbols`, on the device."""
+    return p.finish(coded)
 
 
 def _check_device(device) -> torch.device:

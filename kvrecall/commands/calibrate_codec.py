@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kvrecall import defaults
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -11,37 +13,56 @@ def register(subparsers) -> None:
         help="calibrate a model's KV codec profile (quantizer steps + rANS tables) from real text",
         description=(
             "Prefill texts through the model, collect its pre-RoPE KV (and queries, to weight key channels by how "
-            "much their errors move attention scores), and write a codec profile: per-channel quantization steps "
-            "for every level, delta-coding decisions and rANS probability tables per layer/channel group. Chunks "
-            "encoded with the profile reference it by id. Output: one safetensors file (no pickle)."
+            "much their errors move attention scores), and write a codec profile: quantization steps for every "
+            "level, delta-coding decisions and rANS probability tables per layer/channel group. Chunks encoded "
+            "with the profile reference it by id. Output: one safetensors file (no pickle)."
         ),
     )
-    p.add_argument("--model", required=True, help="folder of a Hugging Face Llama-family model")
+    p.add_argument("--model", required=True, help="model folder or name (e.g. smollm2-135m)")
     p.add_argument("--texts", required=True, help="folder of .txt files (searched recursively)")
     p.add_argument("--out", required=True, help="profile file to write (.safetensors)")
-    p.add_argument("--max-tokens", type=int, default=32768, help="calibration tokens to collect (default 32768)")
-    p.add_argument("--max-context", type=int, default=None, help="tokens per prefill (default: model context, <=1024)")
-    p.add_argument("--groups", type=int, default=4, help="tables per layer and K/V (default 4)")
-    p.add_argument(
-        "--importance-power",
-        type=float,
-        default=0.5,
-        help="key channel steps ~ (query energy)**-power (default 0.5); 0 disables the weighting",
-    )
+    p.add_argument("--max-tokens", type=int, default=defaults.CODEC_CALIBRATION_TOKENS,
+                   help=f"calibration tokens to collect (default {defaults.CODEC_CALIBRATION_TOKENS})")
+    p.add_argument("--max-context", type=int, default=None,
+                   help=f"tokens per prefill (default: model context, <= {defaults.CODEC_CALIBRATION_CONTEXT})")
+    p.add_argument("--groups", type=int, default=defaults.CODEC_TABLE_GROUPS,
+                   help=f"tables per layer and K/V (default {defaults.CODEC_TABLE_GROUPS})")
+    p.add_argument("--level", default=defaults.CODEC_LEVEL,
+                   help=f"level whose bits per element on the calibration KV are reported (default {defaults.CODEC_LEVEL})")
+    p.add_argument("--importance-power", type=float, default=0.5,
+                   help="key channel steps ~ (query energy)**-power (default 0.5); 0 disables the weighting")
     p.set_defaults(func=run)
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the arguments, as a one-line message, or None (checked before any work)."""
+    from kvrecall.encoder import LEVELS
+
+    if args.level not in LEVELS:
+        return f"unknown --level {args.level!r}; choose one of {', '.join(LEVELS)}"
+    if args.max_tokens < 2:
+        return f"--max-tokens must be >= 2, got {args.max_tokens}"
+    if args.max_context is not None and args.max_context < 2:
+        return f"--max-context must be >= 2, got {args.max_context}"
+    if args.groups < 1:
+        return f"--groups must be >= 1, got {args.groups}"
+    if not args.importance_power >= 0:
+        return f"--importance-power must be >= 0, got {args.importance_power}"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    problem = check_args(args)
+    if problem:
+        print(f"calibrate-codec: {problem}", file=sys.stderr)
+        return 2
+
     from tqdm import tqdm
 
-    from kvrecall.encoder import CodecError
-    from kvrecall.encoder.calibrate import (
-        calibrate_profile,
-        collect_calibration_kv,
-        key_importance_from_queries,
-    )
+    from kvrecall.encoder import CodecError, encode
+    from kvrecall.encoder.calibrate import calibrate_profile, collect_calibration_kv, key_importance_from_queries
     from kvrecall.models import ModelError, load_model, model_fingerprint, model_info, read_texts
 
     try:
@@ -50,6 +71,14 @@ def run(args: argparse.Namespace) -> int:
         with tqdm(total=args.max_tokens, desc="prefill", unit="tok", file=sys.stderr) as bar:
             kvs, qs = collect_calibration_kv(
                 model, tokenizer, texts, args.max_tokens, args.max_context, progress=bar.update
+            )
+        got = sum(k.shape[3] for k in kvs)
+        if got < args.max_tokens:
+            print(
+                f"calibrate-codec: note: the {len(texts)} texts under {args.texts} supply only {got} of the "
+                f"{args.max_tokens} requested tokens (one prefill of <= {args.max_context or 'the model context'} "
+                f"tokens per text); calibrating on {got}. Add texts or lower --max-tokens to silence this.",
+                file=sys.stderr,
             )
         info = model_info(model)
         key_w = key_importance_from_queries(qs, info.num_kv_heads) if args.importance_power else None
@@ -66,15 +95,19 @@ def run(args: argparse.Namespace) -> int:
                 key_importance=key_w,
                 importance_power=args.importance_power,
                 n_groups=args.groups,
-                info={"model_path_name": str(args.model).rstrip("/").split("/")[-1], "texts": len(kvs)},
+                info={"model_path_name": str(args.model).rstrip("/").split("/")[-1], "texts": len(kvs),
+                      "requested_tokens": args.max_tokens},
                 progress=step,
             )
         path = profile.save(args.out)
-    except (CodecError, ModelError) as exc:
+        sample = kvs[0][:, :, :, : defaults.CHUNK_TOKENS].contiguous()
+        bits = len(encode(sample, profile, args.level)) * 8 / sample.numel()
+    except (CodecError, ModelError, OSError) as exc:
         print(f"calibrate-codec: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(
         f"wrote {path}: profile {profile.profile_id} for model {profile.model_id} "
-        f"({profile.info['calibration_tokens']} tokens from {len(kvs)} texts, {path.stat().st_size} bytes)"
+        f"({profile.info['calibration_tokens']} tokens from {len(kvs)} texts, {path.stat().st_size} bytes); "
+        f"level {args.level}: {bits:.2f} bits per element on the first calibration chunk"
     )
     return 0
