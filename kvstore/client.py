@@ -16,10 +16,12 @@ from kvrecall.kvstore.client_common import (
     ClientOptions,
     ExistsResult,
     KVStoreError,
+    LookupResult,
     SizeChanged,
     as_bytes_view,
     check_ttl,
     get_deserializer,
+    lookup_request,
     put_messages,
 )
 from kvrecall.kvstore.crc import crc32_of
@@ -70,6 +72,8 @@ class KVStoreClient:
                                       response_deserializer=pb.DeleteResponse.FromString)
         self._stats = ch.unary_unary(METHOD_PREFIX + "Stats", request_serializer=pb.StatsRequest.SerializeToString,
                                      response_deserializer=pb.StatsResponse.FromString)
+        self._lookup = ch.unary_unary(METHOD_PREFIX + "Lookup", request_serializer=pb.LookupRequest.SerializeToString,
+                                      response_deserializer=pb.LookupResponse.FromString)
         self._pool: ThreadPoolExecutor | None = None
 
     # ----------------------------------------------------------------------------------------------- plumbing
@@ -204,3 +208,15 @@ class KVStoreClient:
         opts = self.options
         return self._call("Stats", lambda: self._stats(pb.StatsRequest(), timeout=opts.timeout_s,
                                                         metadata=opts.metadata()))
+
+    def lookup(self, token_ids, model_id: str, profile_id: str, chunk_tokens: int = 256,
+               parent: bytes = b"") -> LookupResult:
+        """Keys of the full chunks of ``token_ids`` (derived by the server, docs/keys.md) and the cached prefix.
+
+        Same keys as ``chunk_keys(token_ids, model_id, profile_id, chunk_tokens, parent)``, with one call.
+        """
+        request = lookup_request(token_ids, model_id, profile_id, chunk_tokens, parent)
+        opts = self.options
+        resp = self._call("Lookup", lambda: self._lookup(request, timeout=opts.timeout_s,
+                                                              metadata=opts.metadata()))
+        return LookupResult(list(resp.keys), list(resp.sizes), resp.cached_chunks, resp.cached_tokens)

@@ -15,7 +15,8 @@ from kvrecall.kvstore.limits import MESSAGE_OVERHEAD_BYTES
 from kvrecall.kvstore.crc import crc32_combine, crc32_of
 from kvrecall.kvstore.v1 import kvstore_pb2 as pb
 
-__all__ = ["KVStoreError", "ChecksumError", "ExistsResult", "ClientOptions", "METHOD_PREFIX"]
+__all__ = ["KVStoreError", "ChecksumError", "ExistsResult", "LookupResult", "ClientOptions", "METHOD_PREFIX",
+           "lookup_request"]
 
 METHOD_PREFIX = "/kvrecall.kvstore.v1.KVStore/"
 
@@ -46,6 +47,42 @@ class ExistsResult:
     present: list[bool]
     sizes: list[int]
     prefix_length: int
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """Answer of Lookup: the prefix-chain keys of every full chunk and how many leading ones are stored.
+
+    Attributes
+    ----------
+    keys : list of bytes
+        One 32-byte key per full chunk, in order (as :func:`~kvrecall.kvstore.keys.chunk_keys` gives).
+    sizes : list of int
+        Stored object size per key, 0 where absent.
+    cached_chunks : int
+        Number of leading keys that are stored.
+    cached_tokens : int
+        ``cached_chunks * chunk_tokens``.
+    """
+
+    keys: list[bytes]
+    sizes: list[int]
+    cached_chunks: int
+    cached_tokens: int
+
+
+def lookup_request(token_ids, model_id: str, profile_id: str, chunk_tokens: int, parent: bytes) -> pb.LookupRequest:
+    """A LookupRequest, with the arguments checked the way the server checks them."""
+    if hasattr(token_ids, "tolist"):
+        token_ids = token_ids.tolist()
+    if not model_id or not profile_id:
+        raise ValueError("model_id and profile_id must be non-empty")
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+    model = model_id.decode() if isinstance(model_id, bytes) else model_id
+    profile = profile_id.decode() if isinstance(profile_id, bytes) else profile_id
+    return pb.LookupRequest(model_id=model, profile_id=profile, chunk_tokens=chunk_tokens,
+                            token_ids=list(token_ids), parent=bytes(parent))
 
 
 @dataclass

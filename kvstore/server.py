@@ -261,8 +261,13 @@ class KVStoreServer:
                         await self.health.set(service, _SERVING if up else _NOT_SERVING)
 
     async def _watch_tiers(self) -> None:
+        disk = self.store.disk
+        polls = 0
         while True:
             await asyncio.sleep(_TIER_POLL_S)
+            polls += 1
+            if disk is not None and not disk.available and polls % 4 == 0:  # once a second while it is down
+                await asyncio.to_thread(disk.probe)
             await self._sync_tier_health()
 
     async def wait_ready(self) -> None:

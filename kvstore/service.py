@@ -74,7 +74,8 @@ def _instrumented(method):
                 async for item in method(self, request, context):
                     yield item
             except RequestError as exc:
-                code = exc.code.name
+                code = None  # counted before the status goes out, so a client never sees it uncounted
+                self.metrics.observe(name, exc.code.name, time.perf_counter() - start)
                 await context.abort(exc.code, exc.message)
             except Exception as exc:
                 code = self._unexpected(exc, context)
@@ -83,7 +84,8 @@ def _instrumented(method):
                 code = "CANCELLED"
                 raise
             finally:
-                self.metrics.observe(name, code, time.perf_counter() - start)
+                if code is not None:
+                    self.metrics.observe(name, code, time.perf_counter() - start)
 
         return stream_wrapper
 
@@ -97,7 +99,9 @@ def _instrumented(method):
                 request.raise_error()
             return await method(self, request, context)
         except RequestError as exc:
-            code = "CANCELLED" if context.cancelled() else exc.code.name
+            code = None  # counted before the status goes out, so a client never sees it uncounted
+            self.metrics.observe(name, "CANCELLED" if context.cancelled() else exc.code.name,
+                                 time.perf_counter() - start)
             await context.abort(exc.code, exc.message)
         except Exception as exc:
             code = self._unexpected(exc, context)
@@ -106,7 +110,8 @@ def _instrumented(method):
             code = "CANCELLED"
             raise
         finally:
-            self.metrics.observe(name, code, time.perf_counter() - start)
+            if code is not None:
+                self.metrics.observe(name, code, time.perf_counter() - start)
 
     return unary_wrapper
 

@@ -368,6 +368,30 @@ class DiskTier:
         else:
             log.error("disk tier: %s", message)
 
+    def probe(self, probe_bytes: int = 64 << 10) -> bool:
+        """While the tier is down, try a small write (``probe_bytes`` to ``tmp/``, fsynced, removed): mark it up
+        again if that works. Returns :attr:`available`. Lets a server whose Puts were refused (``require_disk``
+        turns health NOT_SERVING) notice that space was freed without waiting for a Put."""
+        if self.available:
+            return True
+        path = self.root / "tmp" / f"probe.{os.getpid()}.{threading.get_ident()}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                self._write_all(fd, bytes(probe_bytes))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.last_error = f"write probe failed: {exc.strerror or exc}"
+            return False
+        finally:
+            path.unlink(missing_ok=True)
+        log.warning("disk tier %s accepts writes again", self.root)
+        self.available = True
+        self.last_error = ""
+        return True
+
     @property
     def reserved_bytes(self) -> int:
         """Bytes charged to writes in progress."""
