@@ -107,7 +107,7 @@ def _manifest_ok(folder: Path) -> bool:
         return False
 
 
-def _convert(gguf: Path, out: Path, source_sha: str) -> None:
+def _convert(gguf: Path, out: Path) -> None:
     """Dequantize ``gguf`` with transformers and save an ordinary safetensors folder into ``out``."""
     for module, dist in (("gguf", "gguf"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(module) is None:
@@ -118,26 +118,32 @@ def _convert(gguf: Path, out: Path, source_sha: str) -> None:
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        # The weights are dequantized fp32 now: drop the GGUF quantization settings so the folder loads as a
+        # plain checkpoint.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
     finally:
         hf_logging.set_verbosity(verbosity)
-    # The weights are dequantized fp32 now: drop the GGUF quantization settings so the folder loads as a
-    # plain checkpoint.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+        hf_logging.enable_progress_bar()
+
+
+def _write_manifest(out: Path, source: Path, source_sha: str) -> None:
+    """List every file of ``out`` with its size and SHA-256; written last, atomically, so it marks completion."""
     files = {}
     for p in sorted(out.rglob("*")):
         if p.is_file():
             files[str(p.relative_to(out))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-    manifest = {"source": gguf.name, "source_sha256": source_sha, "files": files}
+    manifest = {"source": source.name, "source_sha256": source_sha, "files": files}
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     os.replace(tmp, out / MANIFEST)
@@ -178,7 +184,8 @@ def converted_folder(name: str, progress: bool = False) -> Path:
                 print(f"kvrecall: converting {gguf.name} once into {target} ...", file=sys.stderr, flush=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
             try:
-                _convert(gguf, tmp, digest)
+                _convert(gguf, tmp)
+                _write_manifest(tmp, gguf, digest)
                 os.replace(tmp, target)
             finally:
                 if tmp.exists():

@@ -110,7 +110,7 @@ def resolve_model(spec: str | Path) -> Path:
         return path
     name = str(spec)
     if name in model_store.MODEL_NAMES:
-        return model_store.converted_folder(name)
+        return model_store.converted_folder(name, progress=True)
     known = ", ".join(sorted(model_store.MODEL_NAMES))
     if path.exists():
         raise ModelError(f"no model at {path}: config.json not found")

@@ -60,3 +60,11 @@ def hd64(hd64_path):
 @pytest.fixture(scope="session")
 def sotu_text(texts_path) -> str:
     return (texts_path / "state_union" / "1945-Truman.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct by name (the ``models`` extra; converted once per machine)."""
+    from kvrecall.models import load_model
+
+    return load_model("smollm2-135m")

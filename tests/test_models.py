@@ -10,6 +10,7 @@ from kvrecall.models import (
     long_token_ids,
     model_fingerprint,
     model_info,
+    output_cache,
     read_texts,
     rope_cos_sin,
     tokenize,
@@ -24,7 +25,7 @@ def test_pre_rope_keys_match_the_models_cache(which, request, sotu_text):
     kv = capture_qkv(model, ids).kv()
     info = model_info(model)
     assert kv.shape == (info.num_layers, 2, info.num_kv_heads, 200, info.head_dim)
-    cache = model(ids[None], use_cache=True).past_key_values
+    cache = output_cache(model(ids[None], use_cache=True))
     cos, sin = rope_cos_sin(model, torch.arange(200))
     for layer in range(info.num_layers):
         torch.testing.assert_close(apply_rope(kv[layer, 0], cos, sin), cache.layers[layer].keys[0])
