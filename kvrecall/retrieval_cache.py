@@ -1,0 +1,564 @@
+"""Retrieval decoding inside ``model.generate``: full KV off the device, top-k rows per decode step.
+
+::
+
+    from kvrecall import RetrievalCache
+    from kvrecall.retriever import RetrieverProfile
+    profile = RetrieverProfile.load(path)
+    cache = RetrievalCache(model, profile, budget=0.03, sinks=8, window=64)
+    out = model.generate(input_ids, cache=cache, max_new_tokens=64, do_sample=False)   # past_key_values= on 5.17
+    cache.stats()
+
+:class:`RetrievalCache` is a transformers ``Cache`` whose layers (:class:`RetrievalLayer`, a
+``CacheLayerMixin``) keep resident only the first ``sinks`` tokens, the last ``window`` tokens and one code per
+(KV head, token); every other K/V row lives in an :class:`~kvrecall.retrieval_store.OffloadStore`. The model's
+attention is switched (``model.set_attn_implementation``) to ``kvrecall_retrieval``, registered with
+``AttentionInterface``; for any other cache that function is plain SDPA, so the model keeps working with
+``DynamicCache`` too. Per layer:
+
+* **prefill** (several query tokens): dense causal attention, computed ``prefill_chunk`` queries at a time over
+  the earlier rows (from the store) and the new ones, then every token but the last ``window`` is coded and
+  moved to the store;
+* **decode** (one query token): the token enters the window, the token leaving it is coded and stored, every
+  stored token is scored from its code only (:class:`~kvrecall.retriever.fast_scoring.CodeScorer`), the top-k per
+  query head are unioned per GQA group, only those rows are gathered from the store, dequantized, rotated at
+  their true positions and attended to together with sinks and window — O(selected), never O(context).
+
+``backend="triton"`` runs the gathered attention through :func:`kvrecall.kernels.sparse_attention.
+sparse_decode_attention` (``gathered=True``, RoPE in the kernel); ``"torch"`` (the default on CPU) is its
+reference.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+import torch
+
+from kvrecall import defaults
+from kvrecall.models import apply_rope, model_info, rope_parameters, rope_tables, undo_rope
+from kvrecall.retrieval_store import OFFLOAD_FORMS, OffloadStore, RetrievalError
+from kvrecall.retriever.codebooks import code_dtype, encode
+from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, topk_union
+from kvrecall.retriever.profile import RetrieverProfile
+from kvrecall.retriever.selection import resolve_budget
+
+__all__ = ["RetrievalCache", "RetrievalLayer", "RetrievalError", "ATTENTION_NAME", "BACKENDS"]
+
+ATTENTION_NAME = "kvrecall_retrieval"
+BACKENDS = ("torch", "triton")
+_PENDING = threading.local()
+_STAGES = ("score", "select", "gather", "attend", "offload", "prefill")
+
+
+# ---------------------------------------------------------------------------------------------- attention hook
+def _dense_fallback(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _retrieval_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The ``kvrecall_retrieval`` attention: a :class:`RetrievalLayer` step when one is pending, else SDPA."""
+    pending = getattr(_PENDING, "layer", None)
+    if pending is None or pending.layer_idx != getattr(module, "layer_idx", None) or key is not pending._last_key:
+        return _dense_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    _PENDING.layer = None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = pending.attend(query, key, value, attention_mask, scale)  # [B, Hq, Q, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, _retrieval_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    _REGISTERED = True
+
+
+def _check_no_padding(mask: torch.Tensor | None) -> None:
+    """Raise if a 4-D attention mask hides any key from the last query (padding)."""
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return
+    last = mask[..., -1, :]
+    ok = bool(last.all()) if mask.dtype == torch.bool else bool((last == 0).all())
+    if not ok:
+        raise RetrievalError("RetrievalCache does not support padded batches (attention_mask with zeros); "
+                             "use prompts of equal length")
+
+
+# ---------------------------------------------------------------------------------------------- the layer
+try:
+    from transformers.cache_utils import Cache, CacheLayerMixin
+except ImportError as exc:  # pragma: no cover - transformers < 4.56
+    raise ImportError("RetrievalCache needs transformers >= 5.0 (cache-layer API)") from exc
+
+
+class RetrievalLayer(CacheLayerMixin):
+    """One layer of a :class:`RetrievalCache`: sinks + window + codes resident, other rows in the store.
+
+    Token indices ``0 .. length-1`` are positions ``offset .. offset + length - 1``. Rows ``0 .. n_off-1`` are in
+    the store and coded; ``n_off .. length-1`` form the resident window (pre-RoPE keys, values).
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, owner: "RetrievalCache", layer_idx: int) -> None:
+        super().__init__()
+        self.owner, self.layer_idx = owner, layer_idx
+        self.length = 0
+        self.store: OffloadStore | None = None
+        self.codes: torch.Tensor | None = None  # [B, Hkv, cap, m]
+        self.sink_k = self.sink_v = None  # [B, Hkv, <=sinks, D] pre-RoPE
+        self.win_k = self.win_v = None  # [B, Hkv, w, D] pre-RoPE
+        self._last_key = None
+        self.last_gathered = 0  # rows gathered from the store at the last decode step (per KV head, max)
+        self.last_attended = 0  # rows attended at the last decode step (per KV head, max)
+
+    # ---- CacheLayerMixin
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        o = self.owner
+        b, hkv, _, d = key_states.shape
+        if hkv != o.info.num_kv_heads or d != o.info.head_dim:
+            raise RetrievalError(f"layer {self.layer_idx}: got KV [{hkv} heads, dim {d}], the profile is for "
+                                 f"[{o.info.num_kv_heads}, {o.info.head_dim}]")
+        self.batch_size = b
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.store = OffloadStore(b, hkv, d, o.offload, self.dtype)
+        self.codes = torch.empty(b, hkv, 0, o.profile.settings.m, dtype=code_dtype(o.profile.settings.bits),
+                                 device=o.index_device)
+        empty = key_states.new_empty(b, hkv, 0, d)
+        self.sink_k = self.sink_v = self.win_k = self.win_v = empty
+        self.keys, self.values = empty, empty  # what transformers inspects (batch size, dtype)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.batch_size:
+            raise RetrievalError(f"batch size changed from {self.batch_size} to {key_states.shape[0]} "
+                                 "(beam search and sequence expansion are not supported)")
+        self._last_key = key_states
+        _PENDING.layer = self
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.offset + self.length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.owner, self.layer_idx)
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise RetrievalError("RetrievalCache does not support beam search (reorder_cache)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RetrievalError("RetrievalCache cannot be cropped (assisted / speculative decoding is not supported)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise RetrievalError("RetrievalCache does not support expanding the batch (num_return_sequences, beams)")
+
+    def batch_select_indices(self, indices) -> None:
+        raise RetrievalError("RetrievalCache does not support selecting batch rows")
+
+    # ---- bookkeeping
+    @property
+    def n_off(self) -> int:
+        return self.store.length if self.store is not None else 0
+
+    def resident_bytes(self) -> int:
+        """Codes (as stored) + sink and window rows of this layer."""
+        if not self.is_initialized:
+            return 0
+        codes = self.codes[:, :, : self.n_off]
+        rows = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
+        return codes.numel() * codes.element_size() + rows
+
+    def _offload(self, keys_pre: torch.Tensor, values: torch.Tensor) -> None:
+        """Code and store rows ``[B, Hkv, n, D]`` at the next store indices; keep the first ones as sinks."""
+        o = self.owner
+        n = keys_pre.shape[2]
+        if n == 0:
+            return
+        t0 = time.perf_counter()
+        start = self.n_off
+        take = max(0, min(n, o.sinks - start))
+        if take:
+            self.sink_k = torch.cat([self.sink_k, keys_pre[:, :, :take]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, values[:, :, :take]], dim=2)
+        self.store.append(keys_pre, values)
+        new_codes = o.encode_keys(self.layer_idx, keys_pre)  # [B, Hkv, n, m]
+        if start + n > self.codes.shape[2]:
+            grown = self.codes.new_empty(*self.codes.shape[:2], max(start + n, 2 * self.codes.shape[2], 256),
+                                         self.codes.shape[3])
+            grown[:, :, :start] = self.codes[:, :, :start]
+            self.codes = grown
+        self.codes[:, :, start : start + n] = new_codes.to(self.codes.device)
+        o._time("offload", t0)
+
+    # ---- attention
+    def attend(self, query, key, value, attention_mask, scale: float) -> torch.Tensor:
+        """Attention for the ``Q`` new tokens whose post-RoPE ``key/value [B, Hkv, Q, D]`` just arrived."""
+        o = self.owner
+        q_len = query.shape[2]
+        if self.layer_idx == 0:
+            _check_no_padding(attention_mask)
+        start = self.length  # token index of the first new token
+        positions = torch.arange(o.offset + start, o.offset + start + q_len, device=key.device)
+        cos, sin = rope_tables(o.inv_freq.to(key.device), positions, o.rope_scaling)
+        key_pre = undo_rope(key, cos.to(key.dtype), sin.to(key.dtype))
+        if o.rope_scaling != 1.0:
+            key_pre = key_pre / o.rope_scaling
+        if q_len > 1 or start == 0:
+            out = self._prefill(query, key, value, key_pre, scale)
+        else:
+            out = self._decode(query, key_pre, value, scale, int(positions[0]))
+        self.length += q_len
+        # the window keeps the last `window` tokens; older ones go to the store
+        extra = self.win_k.shape[2] - o.window
+        if extra > 0:
+            self._offload(self.win_k[:, :, :extra], self.win_v[:, :, :extra])
+            self.win_k, self.win_v = self.win_k[:, :, extra:].contiguous(), self.win_v[:, :, extra:].contiguous()
+        return out
+
+    def _rotated(self, keys_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        o = self.owner
+        cos, sin = rope_tables(o.inv_freq.to(keys_pre.device), positions.reshape(-1), o.rope_scaling)
+        shape = positions.shape
+        if positions.ndim > 1:  # per-row positions [B, Hkv, S]
+            cos, sin = cos.reshape(*shape, -1), sin.reshape(*shape, -1)
+        return apply_rope(keys_pre, cos.to(keys_pre.dtype), sin.to(keys_pre.dtype))
+
+    def _prefill(self, query, key, value, key_pre, scale: float) -> torch.Tensor:
+        """Dense causal attention of ``Q`` new queries over all earlier rows + the new ones, in query chunks."""
+        o = self.owner
+        t0 = time.perf_counter()
+        q_len = query.shape[2]
+        past = self.length
+        if past:
+            sk, sv = self.store.all_rows(key.device)
+            k_past = torch.cat([sk, self.win_k], dim=2)
+            v_past = torch.cat([sv, self.win_v], dim=2)
+            k_past = self._rotated(k_past, torch.arange(o.offset, o.offset + past, device=key.device))
+            keys, values = torch.cat([k_past, key], dim=2), torch.cat([v_past, value], dim=2)
+        else:
+            keys, values = key, value
+        outs = []
+        group = query.shape[1] // keys.shape[1]
+        for s in range(0, q_len, o.prefill_chunk):
+            e = min(q_len, s + o.prefill_chunk)
+            kv_end = past + e
+            qi = torch.arange(past + s, past + e, device=key.device)[:, None]
+            mask = torch.arange(kv_end, device=key.device)[None, :] <= qi  # [q, kv]
+            k_ = keys[:, :, :kv_end].repeat_interleave(group, dim=1)
+            v_ = values[:, :, :kv_end].repeat_interleave(group, dim=1)
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, s:e], k_, v_, attn_mask=mask, scale=scale))
+        self.win_k = torch.cat([self.win_k, key_pre], dim=2)
+        self.win_v = torch.cat([self.win_v, value], dim=2)
+        o._time("prefill", t0)
+        return torch.cat(outs, dim=2)
+
+    def _decode(self, query, key_pre, value, scale: float, pos: int) -> torch.Tensor:
+        """One decode step: score codes, select, gather, attend over sinks + selected + window."""
+        o = self.owner
+        b, hq, _, d = query.shape
+        # the new token enters the window; the one leaving it goes to the store (and the index) first
+        self.win_k = torch.cat([self.win_k, key_pre], dim=2)
+        self.win_v = torch.cat([self.win_v, value], dim=2)
+        extra = self.win_k.shape[2] - o.window
+        if extra > 0:
+            self._offload(self.win_k[:, :, :extra], self.win_v[:, :, :extra])
+            self.win_k, self.win_v = self.win_k[:, :, extra:].contiguous(), self.win_v[:, :, extra:].contiguous()
+        n_off = self.n_off
+        lo = min(o.sinks, n_off)
+        total = self.length + 1
+        k = resolve_budget(o.budget, total)
+        # ---- score (codes only) and select
+        t0 = time.perf_counter()
+        cos, sin = rope_tables(o.inv_freq.to(query.device), torch.tensor([pos], device=query.device), o.rope_scaling)
+        q_pre = undo_rope(query[:, :, 0], cos.to(query.dtype), sin.to(query.dtype)).float()
+        if o.rope_scaling != 1.0:
+            q_pre = q_pre / o.rope_scaling
+        chosen = self._choose(q_pre.to(o.index_device), lo, n_off, k, pos)
+        t1 = time.perf_counter()
+        o.timings["score"] += t1 - t0
+        # ---- gather only the selected rows
+        counts = [[len(c) for c in row] for row in chosen]
+        s_max = max(max(r) for r in counts) if n_off > lo else 0
+        idx = torch.zeros(b, o.info.num_kv_heads, s_max, dtype=torch.int64)
+        valid = torch.zeros(b, o.info.num_kv_heads, s_max, dtype=torch.bool)
+        for bi, row in enumerate(chosen):
+            for h, c in enumerate(row):
+                idx[bi, h, : len(c)] = c.cpu()
+                valid[bi, h, : len(c)] = True
+        t2 = time.perf_counter()
+        o.timings["select"] += t2 - t1
+        sel_k, sel_v = self.store.gather(idx, query.device) if s_max else (key_pre[:, :, :0], value[:, :, :0])
+        self.last_gathered = s_max
+        t3 = time.perf_counter()
+        o.timings["gather"] += t3 - t2
+        # ---- attend over sinks + selected + window
+        n_sink, n_win = self.sink_k.shape[2], self.win_k.shape[2]
+        dev = query.device
+        pos_sel = idx.to(dev) + o.offset
+        pos_sink = torch.arange(n_sink, device=dev).expand(b, o.info.num_kv_heads, n_sink) + o.offset
+        pos_win = torch.arange(total - n_win, total, device=dev).expand(b, o.info.num_kv_heads, n_win) + o.offset
+        keys = torch.cat([self.sink_k, sel_k, self.win_k], dim=2)
+        values = torch.cat([self.sink_v, sel_v, self.win_v], dim=2)
+        positions = torch.cat([pos_sink, pos_sel, pos_win], dim=2)
+        live = torch.cat([torch.ones(b, o.info.num_kv_heads, n_sink, dtype=torch.bool), valid,
+                          torch.ones(b, o.info.num_kv_heads, n_win, dtype=torch.bool)], dim=2).to(dev)
+        self.last_attended = keys.shape[2]
+        o.selected_sum += float(live.sum()) / (b * o.info.num_kv_heads)
+        o.selected_steps += 1
+        if o.backend == "triton":
+            out = self._attend_triton(query, keys, values, positions, live, scale)
+        else:
+            out = self._attend_torch(query, keys, values, positions, live, scale)
+        o.timings["attend"] += time.perf_counter() - t3
+        return out
+
+    def _choose(self, q_pre: torch.Tensor, lo: int, n_off: int, k: int, pos: int) -> list[list[torch.Tensor]]:
+        o = self.owner
+        if n_off <= lo or k <= 0:
+            empty = torch.empty(0, dtype=torch.int64)
+            return [[empty] * o.info.num_kv_heads for _ in range(q_pre.shape[0])]
+        if o.selector is not None:  # a baseline selection method in the same runtime
+            return o.selector(self, q_pre, lo, n_off, k, pos)
+        if k >= n_off - lo:  # the budget covers every stored token
+            every = torch.arange(lo, n_off)
+            return [[every] * o.info.num_kv_heads for _ in range(q_pre.shape[0])]
+        scores = o.scorer.scores(self.layer_idx, q_pre, self.codes, lo, n_off, pos)
+        return topk_union(scores, o.info.group_size, k, offset=lo)
+
+    def _attend_torch(self, query, keys_pre, values, positions, live, scale):
+        keys = self._rotated(keys_pre, positions)
+        b, hq, _, d = query.shape
+        hkv = keys.shape[1]
+        g = hq // hkv
+        q = query[:, :, 0].reshape(b, hkv, g, d).float()
+        logits = torch.matmul(q, keys.float().transpose(2, 3)) * scale  # [B, Hkv, g, S]
+        logits = logits.masked_fill(~live[:, :, None, :], float("-inf"))
+        w = torch.softmax(logits, dim=-1)
+        out = torch.matmul(w, values.float())  # [B, Hkv, g, D]
+        return out.reshape(b, hq, 1, d).to(query.dtype)
+
+    def _attend_triton(self, query, keys_pre, values, positions, live, scale):
+        from kvrecall.kernels.rope import RopeSpec
+        from kvrecall.kernels.sparse_attention import sparse_decode_attention
+
+        o = self.owner
+        b, hkv, s, d = keys_pre.shape
+        # gathered mode: row r holds token indices[b, h, r]; live rows first (positions ascend within each part)
+        order = torch.argsort((~live).to(torch.int8), dim=-1, stable=True)
+        idx = torch.gather(positions, 2, order)
+        kk = torch.gather(keys_pre, 2, order[..., None].expand(b, hkv, s, d)).contiguous()
+        vv = torch.gather(values, 2, order[..., None].expand(b, hkv, s, d)).contiguous()
+        counts = live.sum(-1)
+        rope = RopeSpec.from_inv_freq(o.inv_freq.to(query.device), o.rope_scaling)
+        out = sparse_decode_attention(query[:, :, 0].contiguous(), kk, vv, idx, counts, rope=rope, sm_scale=scale,
+                                      gathered=True, validate=False)
+        return out[:, :, None, :]
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+class RetrievalCache(Cache):
+    """A transformers ``Cache`` for retrieval decoding (see the module docstring).
+
+    Parameters
+    ----------
+    model : a Llama-family transformers model (RoPE, GQA allowed). Its attention implementation is switched to
+        ``kvrecall_retrieval`` (SDPA for every other cache); :meth:`restore_attention` switches it back.
+    profile : RetrieverProfile of ``model`` (``positional`` or ``windowed`` codes of pre-RoPE keys).
+    budget : float in (0, 1] (fraction of the current context) or int (tokens): top-k per query head.
+    sinks, window : tokens always attended at the start and the end of the context.
+    prefill_chunk : queries per dense attention block at prefill (bounds the attention's peak memory; pass
+        ``prefill_chunk_size=cache.prefill_chunk`` to ``generate`` to chunk the whole forward too).
+    offload : working form of stored rows, one of ``"exact"`` (model dtype), ``"float16"``, ``"int8"``,
+        ``"int4"``.
+    scorer : ``"banded"``, ``"positional"`` or ``"windowed"`` (see :mod:`kvrecall.retriever.fast_scoring`).
+    near, band_ratio : banded scorer settings.
+    backend : ``"torch"`` or ``"triton"`` (the kernels; on CPU only under ``TRITON_INTERPRET=1``).
+    selector : optional callable ``(layer, q_pre [B, Hq, D], lo, n_off, k, pos) -> list[list[indices]]``
+        replacing code scoring (oracle / Quest / StreamingLLM baselines in the same runtime).
+
+    Raises
+    ------
+    RetrievalError
+        On a profile of another model shape, bad settings, and at run time on padding, beam search, batch
+        expansion or cropping.
+    """
+
+    def __init__(
+        self,
+        model,
+        profile: RetrieverProfile,
+        budget: int | float = defaults.RETRIEVAL_BUDGET,
+        sinks: int = defaults.RETRIEVAL_SINKS,
+        window: int = defaults.RETRIEVAL_WINDOW,
+        *,
+        prefill_chunk: int = defaults.PREFILL_CHUNK,
+        offload: str = "exact",
+        scorer: str = "banded",
+        near: int = 1024,
+        band_ratio: float = 2.0,
+        backend: str = "torch",
+        selector=None,
+    ) -> None:
+        from kvrecall.retriever.errors import RetrieverError
+
+        if not isinstance(profile, RetrieverProfile):
+            raise RetrievalError(f"profile must be a RetrieverProfile, got {type(profile).__name__}")
+        try:
+            profile.check_model(model)
+        except RetrieverError as exc:
+            raise RetrievalError(str(exc)) from exc
+        resolve_budget(budget, 1000)  # type / range check (RetrieverError is a ValueError)
+        for name, value in (("sinks", sinks), ("window", window)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise RetrievalError(f"{name} must be an int >= 0, got {value!r}")
+        if window < 1:
+            raise RetrievalError("window must be >= 1 (the current token is always attended)")
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise RetrievalError(f"prefill_chunk must be a positive int, got {prefill_chunk!r}")
+        if offload not in OFFLOAD_FORMS:
+            raise RetrievalError(f"offload must be one of {OFFLOAD_FORMS}, got {offload!r}")
+        if scorer not in SCORERS:
+            raise RetrievalError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+        if backend not in BACKENDS:
+            raise RetrievalError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.model, self.profile = model, profile
+        self.info = model_info(model)
+        self.inv_freq, self.rope_scaling = rope_parameters(model)
+        self.budget, self.sinks, self.window = budget, sinks, window
+        self.prefill_chunk, self.offload, self.backend = prefill_chunk, offload, backend
+        self.selector = selector
+        self.offset = 0
+        self.index_device = next(model.parameters()).device
+        self.scorer = CodeScorer(profile, scorer, near=near, band_ratio=band_ratio, device=self.index_device)
+        self._key_t = profile.key_transform.to(self.index_device)
+        self._books = profile.codebooks.to(self.index_device)
+        self.timings: dict[str, float] = defaultdict(float)
+        self.selected_sum, self.selected_steps = 0.0, 0
+        super().__init__(layers=[RetrievalLayer(self, i) for i in range(self.info.num_layers)])
+        _register()
+        self._previous_attention = model.config._attn_implementation
+        if self._previous_attention != ATTENTION_NAME:
+            model.set_attn_implementation(ATTENTION_NAME)
+
+    # ---- construction from prefilled KV
+    @classmethod
+    def from_kv(cls, model, profile: RetrieverProfile, kv: torch.Tensor, last_position: int | None = None,
+                **kwargs) -> "RetrievalCache":
+        """A cache already holding a prefilled context, without running the model.
+
+        Parameters
+        ----------
+        kv : Tensor[layers, 2, kv_heads, T, head_dim], keys **pre-RoPE** (``kvrecall.models.prefill_kv``, or
+            decoded chunks), batch 1.
+        last_position : position of the last token of ``kv`` (default ``T - 1``); the tokens sit at positions
+            ``last_position - T + 1 .. last_position``.
+        **kwargs : the constructor's settings (``budget``, ``sinks``, ``window``, ``offload``, ...).
+
+        Continue with ``model.generate(ids, cache=cache)`` where ``ids`` holds the whole prompt (the first
+        ``last_position + 1`` tokens are then skipped as cached) plus at least one uncached token.
+        """
+        cache = cls(model, profile, **kwargs)
+        info = cache.info
+        if not isinstance(kv, torch.Tensor) or kv.ndim != 5 or kv.shape[0] != info.num_layers or kv.shape[1] != 2 \
+                or kv.shape[2] != info.num_kv_heads or kv.shape[4] != info.head_dim:
+            raise RetrievalError(f"kv must be [layers={info.num_layers}, 2, kv_heads={info.num_kv_heads}, T, "
+                                 f"head_dim={info.head_dim}], got {tuple(getattr(kv, 'shape', ()))}")
+        t = kv.shape[3]
+        if t == 0:
+            raise RetrievalError("kv holds no tokens")
+        last = t - 1 if last_position is None else int(last_position)
+        if last < t - 1:
+            raise RetrievalError(f"last_position {last} is before the end of {t} tokens starting at position 0")
+        cache.offset = last - (t - 1)
+        param = next(model.parameters())
+        for i, layer in enumerate(cache.layers):
+            k = kv[i, 0].unsqueeze(0).to(param.device, param.dtype)
+            v = kv[i, 1].unsqueeze(0).to(param.device, param.dtype)
+            layer.lazy_initialization(k[:, :, :0], v[:, :, :0])
+            keep = min(cache.window, t)
+            layer._offload(k[:, :, : t - keep], v[:, :, : t - keep])
+            layer.win_k, layer.win_v = k[:, :, t - keep :].contiguous(), v[:, :, t - keep :].contiguous()
+            layer.length = t
+        return cache
+
+    # ---- helpers used by the layers
+    def encode_keys(self, layer: int, keys_pre: torch.Tensor) -> torch.Tensor:
+        """Codes ``[B, Hkv, n, m]`` of pre-RoPE keys ``[B, Hkv, n, D]`` (query-aware transform, nearest centroid)."""
+        k = keys_pre.to(self.index_device).float()
+        kt = torch.einsum("bhnd,hde->bhne", k, self._key_t[layer])
+        return torch.stack([encode(kt[:, h], self._books[layer, h]) for h in range(kt.shape[1])], dim=1)
+
+    def _time(self, stage: str, start: float) -> None:
+        self.timings[stage] += time.perf_counter() - start
+
+    def restore_attention(self) -> None:
+        """Switch the model back to the attention implementation it had before this cache."""
+        if self._previous_attention != ATTENTION_NAME:
+            self.model.set_attn_implementation(self._previous_attention)
+
+    # ---- Cache API not supported
+    def reorder_cache(self, beam_idx) -> None:
+        raise RetrievalError("RetrievalCache does not support beam search (reorder_cache)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RetrievalError("RetrievalCache cannot be cropped (assisted / speculative decoding is not supported)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise RetrievalError("RetrievalCache does not support expanding the batch (num_return_sequences, beams)")
+
+    def batch_select_indices(self, indices) -> None:
+        raise RetrievalError("RetrievalCache does not support selecting batch rows")
+
+    # ---- accounting
+    def stats(self) -> dict:
+        """Memory and time accounting.
+
+        Returns
+        -------
+        dict with ``resident_bytes`` (codes + sink + window rows of every layer, per cache: what would sit in
+        GPU memory), ``codebook_bytes`` (per-model decoded codebooks, shared by all sequences, reported apart),
+        ``offloaded_bytes`` (the store), ``dense_fp16_bytes`` (the same tokens as an fp16 KV cache), ``tokens``,
+        ``batch``, ``mean_selected`` (rows attended per KV head per decode step, averaged over layers and steps),
+        ``decode_steps`` and ``timings_ms`` (``score``, ``select``, ``gather``, ``attend``, ``offload``,
+        ``prefill`` totals).
+        """
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        tokens = layers[0].length if layers else 0
+        batch = layers[0].batch_size if layers else 0
+        dense = 2 * self.info.num_layers * self.info.num_kv_heads * self.info.head_dim * 2 * tokens * batch
+        return {
+            "resident_bytes": sum(layer.resident_bytes() for layer in layers),
+            "codebook_bytes": self.scorer.codebook_bytes,
+            "offloaded_bytes": sum(layer.store.nbytes for layer in layers),
+            "dense_fp16_bytes": dense,
+            "tokens": tokens,
+            "batch": batch,
+            "mean_selected": self.selected_sum / self.selected_steps if self.selected_steps else 0.0,
+            "decode_steps": self.selected_steps // max(1, self.info.num_layers),
+            "timings_ms": {stage: 1e3 * self.timings.get(stage, 0.0) for stage in _STAGES},
+        }

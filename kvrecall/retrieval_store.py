@@ -1,0 +1,142 @@
+"""The offload store of retrieval decoding: every offloaded K/V row of one layer, in a compact working form.
+
+Rows leave resident memory when they leave the recent window (or at prefill). They live in host memory —
+pinned when CUDA is present, so that a gather of selected rows can be copied to the GPU asynchronously — in one
+of these forms (``form``):
+
+``"exact"``   the model's dtype, bit-identical rows (what the full-budget equality tests use);
+``"float16"`` half precision;
+``"int8"``    asymmetric per-row quantization: ``x = code * scale + zero`` over the head dim, fp16 scale/zero;
+``"int4"``    the same with 4-bit codes, two per byte (channel ``2j`` in the low nibble, KIVI's packing).
+
+Keys are stored **pre-RoPE** (the layout of the rest of kvrecall); the attention rotates the gathered rows at
+their true positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvrecall.kernels.kivi import pack_int4, unpack_int4
+
+__all__ = ["OFFLOAD_FORMS", "OffloadStore", "RetrievalError"]
+
+OFFLOAD_FORMS = ("exact", "float16", "int8", "int4")
+
+
+class RetrievalError(ValueError):
+    """Retrieval decoding cannot run as asked (unsupported input, setting or generation mode)."""
+
+
+class _Rows:
+    """A growable ``[B, H, cap, width]`` buffer of one tensor kind."""
+
+    def __init__(self, b: int, h: int, width: int, dtype: torch.dtype, pin: bool) -> None:
+        self.b, self.h, self.width, self.dtype, self.pin = b, h, width, dtype, pin
+        self.data = self._alloc(0)
+
+    def _alloc(self, cap: int) -> torch.Tensor:
+        t = torch.empty(self.b, self.h, cap, self.width, dtype=self.dtype)
+        return t.pin_memory() if self.pin else t
+
+    def ensure(self, n: int, cap_now: int) -> None:
+        if n <= self.data.shape[2]:
+            return
+        grown = self._alloc(max(n, 2 * self.data.shape[2], 256))
+        grown[:, :, :cap_now] = self.data[:, :, :cap_now]
+        self.data = grown
+
+
+class OffloadStore:
+    """Offloaded pre-RoPE keys and values of one layer.
+
+    Parameters
+    ----------
+    batch, kv_heads, head_dim : int
+    form : one of :data:`OFFLOAD_FORMS`.
+    dtype : the model's dtype (rows come back in it).
+    pin : pin host memory (default: when CUDA is available).
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, form: str, dtype: torch.dtype,
+                 pin: bool | None = None) -> None:
+        if form not in OFFLOAD_FORMS:
+            raise RetrievalError(f"offload form must be one of {OFFLOAD_FORMS}, got {form!r}")
+        if form == "int4" and head_dim % 2:
+            raise RetrievalError(f"int4 rows need an even head_dim, got {head_dim}")
+        self.form, self.dtype, self.head_dim = form, dtype, head_dim
+        pin = torch.cuda.is_available() if pin is None else pin
+        self.length = 0
+        if form in ("exact", "float16"):
+            row_dtype = dtype if form == "exact" else torch.float16
+            self._parts = {name: _Rows(batch, kv_heads, head_dim, row_dtype, pin) for name in ("k", "v")}
+        else:
+            width = head_dim if form == "int8" else head_dim // 2
+            self._parts = {}
+            for name in ("k", "v"):
+                self._parts[name] = _Rows(batch, kv_heads, width, torch.uint8, pin)
+                self._parts[name + "_scale"] = _Rows(batch, kv_heads, 2, torch.float16, pin)  # scale, zero
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored rows (the used part of the buffers)."""
+        total = 0
+        for rows in self._parts.values():
+            total += rows.b * rows.h * self.length * rows.width * rows.data.element_size()
+        return total
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        levels = 255 if self.form == "int8" else 15
+        xf = x.float()
+        lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+        scale = ((hi - lo) / levels).clamp_min(1e-8).half()
+        zero = lo.half()
+        codes = ((xf - zero.float()) / scale.float()).round().clamp(0, levels).to(torch.uint8)
+        if self.form == "int4":
+            codes = pack_int4(codes)
+        return codes, torch.cat([scale, zero], dim=-1)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append rows ``[B, Hkv, n, D]`` (keys pre-RoPE) at the next token indices."""
+        n = keys.shape[2]
+        if n == 0:
+            return
+        start, end = self.length, self.length + n
+        for rows in self._parts.values():
+            rows.ensure(end, start)
+        for name, x in (("k", keys), ("v", values)):
+            x = x.detach().to("cpu")
+            if self.form in ("exact", "float16"):
+                self._parts[name].data[:, :, start:end] = x.to(self._parts[name].dtype)
+            else:
+                codes, sz = self._encode(x)
+                self._parts[name].data[:, :, start:end] = codes
+                self._parts[name + "_scale"].data[:, :, start:end] = sz
+        self.length = end
+
+    def _decode(self, name: str, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx [Hkv, S]`` of batch row 0..B-1 (``idx [B, Hkv, S]``) of ``name``, dequantized."""
+        data = self._parts[name].data
+        b, h, s = idx.shape
+        gathered = torch.gather(data, 2, idx[..., None].expand(b, h, s, data.shape[3]))
+        if self.form in ("exact", "float16"):
+            return gathered.to(self.dtype)
+        sz = torch.gather(self._parts[name + "_scale"].data, 2, idx[..., None].expand(b, h, s, 2)).float()
+        codes = unpack_int4(gathered) if self.form == "int4" else gathered
+        return (codes.float() * sz[..., :1] + sz[..., 1:]).to(self.dtype)
+
+    def gather(self, indices: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of token indices ``[B, Hkv, S]`` (all valid, ``< length``): ``[B, Hkv, S, D]`` each,
+        in the model's dtype on ``device`` (host gather, then one copy)."""
+        idx = indices.to("cpu")
+        k, v = self._decode("k", idx), self._decode("v", idx)
+        device = torch.device(device)
+        if device.type != "cpu":
+            k, v = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+        return k, v
+
+    def all_rows(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored row (for prefill chunks that attend densely to earlier ones)."""
+        b, h = self._parts["k"].b, self._parts["k"].h
+        idx = torch.arange(self.length).expand(b, h, self.length)
+        return self.gather(idx, device)

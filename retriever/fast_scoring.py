@@ -1,0 +1,238 @@
+"""Per-step scoring of coded keys for retrieval decoding, and a fast top-k + GQA union.
+
+Three scorers of the same codes, measured side by side in ``bench/decode.py`` and ``docs/retrieval-decoding.md``:
+
+``positional``
+    Decode every code to its pre-RoPE key, rotate it at its true position, dot with the query rotated at its
+    position: the exact score of the quantized key. ``O(T * head_dim)`` work per KV head and step.
+``windowed``
+    A²ATS: one lookup table (LUT) ``centroid · R_w q`` per query head for a fixed distance ``w``; a token's score
+    is one gather ``LUT[code]``. ``O(K * head_dim + T)``.
+``banded`` (default)
+    Tokens nearer than ``near`` are scored ``positional``; farther tokens by distance bands growing
+    geometrically by ``band_ratio``, each band with its own LUT at the band's centre distance. RoPE's
+    ``(R_p q)·(R_j k) = (R_{p-j} q)·k`` makes a LUT exact at its own distance; the error of a band grows only
+    with its width relative to the RoPE wavelengths, and the near band, where attention is most
+    position-specific, stays exact. ``O(n_bands * K * head_dim + near * head_dim + T)``.
+
+All scorers read only codes, the decoded centroids of the profile (per-model, shared by all sequences) and the
+query; they never touch the full keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvrecall.models import apply_rope, rope_tables
+from kvrecall.retriever.errors import RetrieverError
+from kvrecall.retriever.profile import RetrieverProfile
+
+__all__ = ["SCORERS", "CodeScorer", "topk_union"]
+
+SCORERS = ("banded", "positional", "windowed")
+
+
+class CodeScorer:
+    """Scores of coded pre-RoPE keys for decode queries, from one profile.
+
+    Parameters
+    ----------
+    profile : RetrieverProfile
+        A ``positional`` or ``windowed`` profile (codes of pre-RoPE keys); ``absolute`` profiles code post-RoPE
+        keys and are rejected.
+    method : ``"banded"``, ``"positional"`` or ``"windowed"``.
+    near : int
+        ``banded``: tokens at distance ``< near`` are scored exactly (positional).
+    band_ratio : float
+        ``banded``: each far band spans distances ``[d, d * band_ratio)``.
+    device : torch device of the decoded centroids.
+    """
+
+    def __init__(
+        self,
+        profile: RetrieverProfile,
+        method: str = "banded",
+        near: int = 1024,
+        band_ratio: float = 2.0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        s = profile.settings
+        if s.rope_mode == "absolute":
+            raise RetrieverError("retrieval decoding needs a profile of pre-RoPE codes ('positional' or 'windowed'), "
+                                 "got rope_mode 'absolute'")
+        if method not in SCORERS:
+            raise RetrieverError(f"scorer must be one of {SCORERS}, got {method!r}")
+        if not isinstance(near, int) or near < 1:
+            raise RetrieverError(f"near must be a positive int, got {near!r}")
+        if not (isinstance(band_ratio, (int, float)) and band_ratio > 1.0):
+            raise RetrieverError(f"band_ratio must be > 1, got {band_ratio!r}")
+        self.settings = s
+        self.method, self.near, self.band_ratio = method, near, float(band_ratio)
+        self.device = torch.device(device)
+        self.group = s.group_size
+        self.inv_freq = profile.inv_freq.to(self.device)
+        self.scaling = s.rope_scaling
+        # decoded centroids in the untransformed pre-RoPE key space: [L, Hkv, K, D] (vq) — k_hat = c' @ L^-1
+        self._query_t = profile.query_transform.to(self.device)  # L^-T
+        self._codebooks = profile.codebooks.to(self.device)  # [L, Hkv, m, K, D/m]
+        if s.m == 1:
+            self._decoded = torch.einsum("lhkd,lhed->lhke", self._codebooks[:, :, 0], self._query_t).contiguous()
+        else:
+            self._decoded = None
+
+    @property
+    def codebook_bytes(self) -> int:
+        """Bytes of the per-model decoded codebooks this scorer keeps (shared by every sequence)."""
+        t = self._decoded if self._decoded is not None else self._codebooks
+        return t.numel() * t.element_size()
+
+    # ------------------------------------------------------------------ pieces
+    def _rotate_queries(self, q: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+        """``q [B, Hq, D]`` pre-RoPE -> ``[B, Hq, n, D]`` rotated by each of ``distances [n]``."""
+        cos, sin = rope_tables(self.inv_freq, distances, self.scaling)
+        return apply_rope(q.float()[:, :, None, :], cos, sin)
+
+    def _lut(self, layer: int, qr: torch.Tensor) -> torch.Tensor:
+        """LUTs for rotated queries ``qr [B, Hq, n, D]`` -> ``[Hkv, K, B * group * n]`` (score of every centroid)."""
+        b, hq, n, d = qr.shape
+        hkv = hq // self.group
+        q = qr.reshape(b, hkv, self.group, n, d).permute(1, 4, 0, 2, 3).reshape(hkv, d, b * self.group * n)
+        if self._decoded is not None:
+            return torch.bmm(self._decoded[layer], q)
+        # product codes: q' = q L^-T, one LUT per sub-vector, summed after the gather
+        raise RetrieverError("banded/windowed LUT scoring is implemented for vq profiles (m == 1)")
+
+    def _decode(self, layer: int, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``[B, Hkv, n, m]`` -> pre-RoPE keys ``[B, Hkv, n, D]``."""
+        if self._decoded is not None:
+            c = codes[..., 0].long()
+            table = self._decoded[layer]  # [Hkv, K, D]
+            return torch.stack([table[h][c[:, h]] for h in range(table.shape[0])], dim=1)
+        books = self._codebooks[layer]  # [Hkv, m, K, D/m]
+        idx = codes.long()
+        parts = []
+        for j in range(books.shape[1]):
+            parts.append(torch.stack([books[h, j][idx[:, h, :, j]] for h in range(books.shape[0])], dim=1))
+        kt = torch.cat(parts, dim=-1)  # transformed space
+        return torch.einsum("bhnd,hed->bhne", kt, self._query_t[layer])
+
+    def _positional(self, layer: int, q: torch.Tensor, codes: torch.Tensor, positions: torch.Tensor, pos: int):
+        """Exact scores of decoded keys at ``positions [n]``: ``[B, Hq, n]``."""
+        keys = self._decode(layer, codes)  # [B, Hkv, n, D]
+        cos, sin = rope_tables(self.inv_freq, positions, self.scaling)
+        keys = apply_rope(keys, cos, sin)
+        qr = self._rotate_queries(q, torch.tensor([pos], device=q.device))[:, :, 0]  # [B, Hq, D]
+        b, hq, d = qr.shape
+        hkv = hq // self.group
+        out = torch.matmul(qr.reshape(b, hkv, self.group, d), keys.transpose(2, 3))  # [B, Hkv, group, n]
+        return out.reshape(b, hq, -1)
+
+    def _gather_lut(self, lut: torch.Tensor, codes: torch.Tensor, col: int) -> torch.Tensor:
+        """Scores ``[B, Hq, n]`` from ``lut [Hkv, n_cols, B, K, group]`` column ``col`` for codes ``[B, Hkv, n]``."""
+        hkv, _, b = lut.shape[:3]
+        out = []
+        for bi in range(b):
+            rows = [lut[h, col, bi].index_select(0, codes[bi, h]) for h in range(hkv)]  # [n, group] each
+            out.append(torch.stack(rows).permute(0, 2, 1).reshape(hkv * self.group, -1))
+        return torch.stack(out)
+
+    def bands(self, lo: int, hi: int, pos: int) -> list[tuple[int, int, int | None]]:
+        """Token ranges ``(start, end, distance)`` covering ``[lo, hi)`` for a query at ``pos``; ``distance`` None
+        marks the exactly scored range."""
+        if hi <= lo:
+            return []
+        if self.method == "positional":
+            return [(lo, hi, None)]
+        if self.method == "windowed":
+            return [(lo, hi, self.settings.window_distance)]
+        out = []
+        near_start = max(lo, pos - self.near + 1)
+        if near_start < hi:
+            out.append((near_start, hi, None))
+        end = min(hi, near_start)
+        d_lo = self.near
+        while end > lo:
+            d_hi = int(math.ceil(d_lo * self.band_ratio))
+            start = max(lo, pos - d_hi + 1)
+            out.append((start, end, int(round(math.sqrt(d_lo * d_hi)))))
+            end, d_lo = start, d_hi
+        return out
+
+    # ------------------------------------------------------------------ public
+    def scores(self, layer: int, q: torch.Tensor, codes: torch.Tensor, lo: int, hi: int, pos: int) -> torch.Tensor:
+        """Approximate scores of tokens ``lo .. hi-1`` for pre-RoPE queries at position ``pos``.
+
+        Parameters
+        ----------
+        q : Tensor[B, Hq, D], pre-RoPE.
+        codes : Tensor[B, Hkv, >= hi, m], integer codes of tokens ``0 ..``.
+
+        Returns
+        -------
+        Tensor[B, Hq, hi - lo], float32
+        """
+        b = q.shape[0]
+        out = torch.empty(b, q.shape[1], max(0, hi - lo), device=q.device)
+        bands = self.bands(lo, hi, pos)
+        far = [(s, e, d) for s, e, d in bands if d is not None]
+        if far:
+            dist = torch.tensor([d for _, _, d in far], device=q.device)
+            lut = self._lut(layer, self._rotate_queries(q, dist))  # [Hkv, K, B * group * n_far]
+            hkv, n_codes = lut.shape[:2]
+            lut = lut.reshape(hkv, n_codes, b, self.group, len(far)).permute(0, 4, 2, 1, 3).contiguous()
+            for i, (s, e, _) in enumerate(far):
+                out[:, :, s - lo : e - lo] = self._gather_lut(lut, codes[:, :, s:e, 0].long(), i)
+        for s, e, d in bands:
+            if d is None:
+                positions = torch.arange(s, e, device=q.device)
+                out[:, :, s - lo : e - lo] = self._positional(layer, q, codes[:, :, s:e], positions, pos)
+        return out
+
+
+def _topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[R, k]`` of the ``k`` largest entries of each row of ``scores [R, N]`` (exact, any order).
+
+    A strided sample gives a threshold that keeps about ``1.5 k`` candidates per row; the exact top-k is taken
+    among them (rows where the threshold kept fewer than ``k`` fall back to a full ``topk``).
+    """
+    r, n = scores.shape
+    if k >= n:
+        return torch.arange(n, device=scores.device).expand(r, n)
+    stride = 8
+    if n < 8 * k or n < 4096:
+        return scores.topk(k, dim=-1, sorted=False).indices
+    sample = scores[:, ::stride]
+    rank = min(sample.shape[1], int(math.ceil(1.5 * k / stride)) + 4)
+    thr = sample.topk(rank, dim=-1, sorted=True).values[:, -1:]
+    keep = scores >= thr
+    out = torch.empty(r, k, dtype=torch.int64, device=scores.device)
+    counts = keep.sum(-1)
+    for i in range(r):
+        if int(counts[i]) < k:
+            out[i] = scores[i].topk(k, sorted=False).indices
+            continue
+        cand = keep[i].nonzero().squeeze(1)
+        out[i] = cand[scores[i, cand].topk(k, sorted=False).indices]
+    return out
+
+
+def topk_union(scores: torch.Tensor, group: int, k: int, offset: int = 0) -> list[list[torch.Tensor]]:
+    """Top-``k`` token indices per query head, unioned within each GQA group.
+
+    Parameters
+    ----------
+    scores : Tensor[B, Hq, N] over tokens ``offset .. offset + N - 1``.
+
+    Returns
+    -------
+    list (per batch row) of lists (per KV head) of ascending int64 token indices (``offset`` added).
+    """
+    b, hq, n = scores.shape
+    hkv = hq // group
+    if k <= 0 or n == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=scores.device)
+        return [[empty for _ in range(hkv)] for _ in range(b)]
+    idx = _topk_rows(scores.reshape(b * hq, n), min(k, n)).reshape(b, hkv, -1)
+    return [[torch.unique(idx[bi, h]) + offset for h in range(hkv)] for bi in range(b)]
