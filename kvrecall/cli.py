@@ -44,7 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_user_error(exc: BaseException) -> bool:
+    """True for errors that mean bad input or an unusable environment, not a bug in kvrecall.
+
+    Those are kvrecall's own typed errors (all derive from ``ValueError``: ``ModelError``, ``CodecError``,
+    ``RetrieverError``, ``ConfigError``, ...), the store client's ``KVStoreError`` and file-system errors
+    (a missing or unreadable path). Anything else is a bug and keeps its traceback.
+    """
+    own = type(exc).__module__.split(".")[0] == "kvrecall"
+    if own and isinstance(exc, ValueError):
+        return True
+    if own and type(exc).__name__ in ("KVStoreError", "ChecksumError"):
+        return True
+    return isinstance(exc, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; bad input prints one line ``kvrecall CMD: error: ...`` and returns 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -54,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is bad input
+        if not is_user_error(exc):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"kvrecall {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
