@@ -50,3 +50,21 @@ SERVER_DRAIN_S = 1.0
 """Seconds the server reports NOT_SERVING before it refuses new calls (CLI); in-process servers use 0."""
 SERVER_GRACE_S = 10.0
 """Seconds calls in flight get at shutdown."""
+
+# ---- context loading (ContextCache, bench/e2e.py)
+AUTO_LEVELS = ("fp16", "high", "medium")
+"""Levels ``ContextCache(level="auto")`` stores every chunk at (the coarsest is the quality floor: the default
+level); at load time the controller picks one per chunk
+(or recompute). ``"fp16"`` is raw fp16 KV (no decode work); codec names are in ``kvrecall.encoder.LEVELS``."""
+LOAD_FETCH_WORKERS = 4
+"""Gets in flight at once while loading a context."""
+LOAD_DECODE_WORKERS = 2
+"""Threads decoding chunks as they arrive (the native rANS coder releases the GIL)."""
+LOAD_PRIOR_BANDWIDTH_BPS = 1.25e9
+"""Link bandwidth assumed before any Get was measured (10 Gbit/s)."""
+LOAD_PRIOR_DECODE_BPS = 2.5e8
+"""Decode throughput (fp16-equivalent bytes/s) assumed for a codec level before one was measured."""
+LOAD_PRIOR_PREFILL_TOKENS_PER_S = 500.0
+"""Prefill throughput assumed before one was measured (a small model on a few CPU cores)."""
+LOAD_PRIOR_RAW_DECODE_BPS = 2e9
+"""Throughput assumed for placing a raw (fp16/exact) chunk (copy + RoPE) before one was measured."""
