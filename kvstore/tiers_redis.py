@@ -13,8 +13,9 @@ reassembled object, so a torn or stale read is reported as missing, never served
 When Redis does not answer (connection refused, timeout), the tier marks itself unavailable, logs once, counts
 the error, and skips Redis for a back-off period (doubling up to ``max_backoff_s``) so requests are served from
 the local tiers without waiting on timeouts; the first successful call afterwards logs the recovery. On a
-Redis Cluster the back-off is per hash slot: a dead master makes only its own slots miss, objects on the
-surviving masters are still read.
+Redis Cluster the back-off is per master: a dead master makes only the objects in its slots miss (after one
+failed call, not one per object), objects on the surviving masters are still read, and Exists asks each master
+for its own keys.
 
 The URL may hold a password: everything logged shows it redacted (:func:`~kvrecall.kvstore.secrets.redact_url`).
 """
@@ -78,8 +79,13 @@ class RedisTier:
         self.budget_bytes = 0
         self.cluster = cluster
         if cluster:  # any node's URL; the client discovers the others and routes by hash slot
+            # One attempt per call: a dead master is handled by the per-master back-off, not by retrying.
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
             self._client = aioredis.RedisCluster.from_url(url, socket_timeout=timeout_s,
-                                                          socket_connect_timeout=timeout_s)
+                                                          socket_connect_timeout=timeout_s,
+                                                          retry=Retry(NoBackoff(), 1))
         else:
             self._client = aioredis.Redis.from_url(
                 url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
@@ -90,7 +96,7 @@ class RedisTier:
         self._skip_until = 0.0
         self.available = True
         self.last_error = ""
-        self._slots: dict[int, tuple[float, float]] = {}  # cluster: slot -> (skip until, back-off)
+        self._nodes: dict[str, tuple[float, float]] = {}  # cluster: master "host:port" -> (skip until, back-off)
         self.hits = 0
         self.errors = 0
         self.corrupt = 0
@@ -102,24 +108,28 @@ class RedisTier:
     def _redact(self, exc: BaseException) -> str:
         return redact_text(str(exc) or type(exc).__name__, self._url)
 
-    def _slot(self, key: bytes) -> int | None:
+    def _node(self, key: bytes) -> str | None:
+        """On a cluster, the master that owns ``key``'s slot (from the client's slot map), else None."""
         if not self.cluster:
             return None
-        from redis.crc import key_slot
-
-        return key_slot(self._meta_key(key))
+        try:
+            node = self._client.get_node_from_key(self._meta_key(key))
+        except Exception:  # slot map not loaded yet (first call) or being rebuilt
+            return None
+        return None if node is None else node.name
 
     # ----------------------------------------------------------------------------------------------- health
-    async def _call(self, fn: Callable[[], Awaitable[T]], key: bytes | None = None) -> T:
-        """Run one Redis operation with the availability bookkeeping (per slot of ``key`` on a cluster)."""
+    async def _call(self, fn: Callable[[], Awaitable[T]], key: bytes | None = None, node: str | None = None) -> T:
+        """Run one Redis operation with the availability bookkeeping (per master of ``key`` on a cluster)."""
         import redis.exceptions as rex
 
-        slot = self._slot(key) if key is not None else None
+        if node is None and key is not None:
+            node = self._node(key)
         now = time.monotonic()
-        if slot is not None:
-            state = self._slots.get(slot)
+        if node is not None:
+            state = self._nodes.get(node)
             if state is not None and now < state[0]:
-                raise RedisUnavailable(f"redis cluster slot {slot} at {self.url} is down (skipping until it answers)")
+                raise RedisUnavailable(f"redis cluster master {node} is down (skipping until it answers)")
         elif not self.available and now < self._skip_until:
             raise RedisUnavailable(f"redis at {self.url} is down (skipping until it answers again)")
         try:
@@ -134,20 +144,19 @@ class RedisTier:
             if self.available:
                 log.warning("redis tier %s unavailable (%s); serving from local tiers", self.url, message)
             self.last_error = message
-            if slot is not None:
-                state = self._slots.get(slot)
+            if node is not None:
+                state = self._nodes.get(node)
                 backoff = self._min_backoff if state is None else min(state[1] * 2, self._max_backoff)
-                self._slots[slot] = (time.monotonic() + backoff, backoff)
+                self._nodes[node] = (time.monotonic() + backoff, backoff)
             else:
                 self._backoff = self._min_backoff if self.available else min(self._backoff * 2, self._max_backoff)
                 self._skip_until = time.monotonic() + self._backoff
             self.available = False
             raise RedisUnavailable(message) from None
-        if slot is not None:
-            self._slots.pop(slot, None)
-        if not self.available and (slot is None or not self._slots):
-            if slot is None:
-                self._slots.clear()
+        if node is not None:
+            self._nodes.pop(node, None)
+        if not self.available and (node is None or not self._nodes):
+            self._nodes.clear()
             log.warning("redis tier %s is back", self.url)
             self.available = True
             self.last_error = ""
@@ -239,36 +248,38 @@ class RedisTier:
         return await self._call(read, key)
 
     async def sizes(self, keys: list[bytes]) -> list[int | None]:
-        """Object size per key (None where absent), with one round trip."""
+        """Object size per key (None where absent), with one round trip (one per master on a cluster)."""
 
-        async def read() -> list[int | None]:
+        async def read(batch: list[bytes]) -> list[int | None]:
             pipe = self._client.pipeline(transaction=False)
-            for key in keys:
+            for key in batch:
                 pipe.get(self._meta_key(key))
             raws = await pipe.execute()
             out: list[int | None] = []
-            for key, raw in zip(keys, raws):
+            for key, raw in zip(batch, raws):
                 meta = self._parse_meta(raw, key)
                 out.append(None if meta is None else meta[0])
             return out
 
-        try:
-            return await self._call(read)
-        except RedisUnavailable:
-            if not self.cluster or len(keys) == 1:
-                raise
-        # On a cluster with a master down, ask key by key so the slots that answer still count.
-        out = []
-        for key in keys:
+        groups: dict[str | None, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(self._node(key), []).append(i)
+        if len(groups) == 1 and None in groups:
+            return await self._call(lambda: read(keys))
+        out: list[int | None] = [None] * len(keys)
+        failed = None
+        for node, idx in groups.items():
+            batch = [keys[i] for i in idx]
             try:
-                out.append(await self._call(lambda key=key: self._meta_size(key), key))
-            except RedisUnavailable:
-                out.append(None)
+                sizes = await self._call(lambda batch=batch: read(batch), node=node)
+            except RedisUnavailable as exc:  # that master is down: its keys count as absent
+                failed = exc
+                continue
+            for i, size in zip(idx, sizes):
+                out[i] = size
+        if failed is not None and len(groups) == 1:
+            raise failed
         return out
-
-    async def _meta_size(self, key: bytes) -> int | None:
-        meta = self._parse_meta(await self._client.get(self._meta_key(key)), key)
-        return None if meta is None else meta[0]
 
     async def delete(self, key: bytes) -> bool:
         meta_key = self._meta_key(key)
