@@ -89,7 +89,7 @@ def _codec_and_store(cfg: DemoConfig, model, tok, texts, model_id: str) -> dict:
         ServerConfig(host="127.0.0.1", port=0, disk_dir=disk, ram_bytes=256 << 20, disk_bytes=1 << 30)
     ) as server, KVStoreClient(server.target) as client:
         cache = ContextCache(client, model_id, profile, cfg.level, cfg.chunk_tokens)
-        stored = cache.store(ctx, kv)
+        stored = cache.store(None, ctx, kv=kv)
         # A new request shares the prefix and asks for more: load what is cached, prefill only the rest.
         loaded = cache.load(ids)
         stats = client.stats()
