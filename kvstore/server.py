@@ -106,7 +106,9 @@ class ServerConfig:
     Put response's ``tiers``; when the disk cannot take it (full, failing, no room in the budget) the Put is
     still acknowledged with the tiers that did, and the disk shows as down in Stats, metrics and health. With
     ``require_disk`` the Put fails (RESOURCE_EXHAUSTED) unless the disk holds it: with ``disk_fsync`` (default)
-    it then survives a power loss, without it a crash of the process.
+    it then survives a power loss, without it a crash of the process. With ``disk_write_behind`` a Put is
+    acknowledged once in RAM (and Redis) and written to disk in the background: as durable as redis-server
+    without persistence until the write lands (a crash loses it), never torn.
     """
 
     host: str = "127.0.0.1"
@@ -130,6 +132,7 @@ class ServerConfig:
     grace_s: float = 10.0
     drain_s: float = 0.0
     require_disk: bool = False
+    disk_write_behind: bool = False
 
     def __post_init__(self) -> None:
         if self.redis_url_file is not None:
@@ -140,6 +143,8 @@ class ServerConfig:
             self.redis_url = resolve_url(self.redis_url)
         if self.require_disk and (self.disk_dir is None or self.disk_bytes == 0):
             raise ValueError("require_disk needs a disk tier (disk_dir and a non-zero disk_bytes)")
+        if self.disk_write_behind and (self.require_disk or self.disk_dir is None or self.disk_bytes == 0):
+            raise ValueError("disk_write_behind needs a disk tier and cannot be combined with require_disk")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -161,7 +166,9 @@ class KVStoreServer:
         redis = (RedisTier(config.redis_url, part_bytes=config.redis_part_bytes, timeout_s=config.redis_timeout_s,
                            cluster=config.redis_cluster)
                  if config.redis_url else None)
-        self.store = TieredStore(ram, disk, redis, require_disk=config.require_disk)
+        self.store = TieredStore(ram, disk, redis, require_disk=config.require_disk,
+                                 write_behind=config.disk_write_behind,
+                                 write_behind_bytes=config.limits.max_inflight_put_bytes)
         self.metrics = Metrics(self.store)
         self.service = KVStoreService(self.store, config.limits, self.metrics)
         self.health = _HealthServicer()

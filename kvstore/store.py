@@ -77,14 +77,26 @@ class TieredStore:
     require_disk : bool
         A Put is acknowledged only once the disk tier holds it; if the disk write fails (disk full, I/O
         error, no room in the budget) the Put fails with :class:`DiskRequiredError` and nothing is stored.
+    write_behind : bool
+        A Put is acknowledged once RAM (and Redis, if configured) hold it; the disk copy is written in the
+        background, in write order per key (a newer write of the key supersedes an older pending one). Until
+        then reads are served from memory. A crash or power loss loses Puts whose disk write had not finished.
+        At most ``write_behind_bytes`` wait for the disk; beyond that a Put writes its disk copy before it is
+        acknowledged (back-pressure).
     """
 
     def __init__(self, ram: RamTier | None, disk: DiskTier | None, redis: RedisTier | None,
-                 require_disk: bool = False) -> None:
+                 require_disk: bool = False, write_behind: bool = False, write_behind_bytes: int = 1 << 30) -> None:
         if ram is None and disk is None and redis is None:
             raise ValueError("at least one tier must be configured")
         if require_disk and disk is None:
             raise ValueError("require_disk needs a disk tier (disk_dir and a non-zero disk budget)")
+        if write_behind and (disk is None or require_disk):
+            raise ValueError("write_behind needs a disk tier and excludes require_disk")
+        self.write_behind = write_behind
+        self.write_behind_bytes = write_behind_bytes
+        self._pending: dict[bytes, StoredObject] = {}  # write-behind: acknowledged, not yet on disk
+        self._pending_bytes = 0
         self.ram = ram
         self.disk = disk
         self.redis = redis
@@ -140,6 +152,9 @@ class TieredStore:
             obj = self.ram.get(key)
             if obj is not None:
                 return obj
+        obj = self._pending.get(key)
+        if obj is not None and not obj.expired():
+            return obj
         seq = self._keys.writes
         if self.disk is not None:
             obj = await asyncio.to_thread(self.disk.get, key)
@@ -175,6 +190,8 @@ class TieredStore:
         out: list[int | None] = []
         for key in keys:
             size = self.ram.size_of(key) if self.ram is not None else None
+            if size is None and key in self._pending:
+                size = self._pending[key].size
             if size is None and self.disk is not None:
                 size = self.disk.size_of(key)
             out.append(size)
@@ -217,14 +234,19 @@ class TieredStore:
                 stored.append(self.disk.name)
             jobs = []
             names = []
-            if self.disk is not None and not self.require_disk:
+            in_ram = self.ram is not None and self.ram.put(key, obj)
+            if in_ram:
+                stored.insert(0, self.ram.name)
+            # write-behind only for what memory holds meanwhile, and within its byte budget
+            behind = self.write_behind and in_ram and self._pending_bytes + obj.size <= self.write_behind_bytes
+            if behind:
+                self._queue_disk_write(key, obj)
+            elif self.disk is not None and not self.require_disk:
                 jobs.append(self._disk_put(key, obj))
                 names.append(self.disk.name)
             if self.redis is not None:
                 jobs.append(self.redis.put(key, obj))
                 names.append(self.redis.name)
-            if self.ram is not None and self.ram.put(key, obj):
-                stored.insert(0, self.ram.name)
             results = await asyncio.gather(*jobs, return_exceptions=True)
             for name, result in zip(names, results):
                 if result is True:
@@ -234,6 +256,25 @@ class TieredStore:
             if stored:
                 self.bytes_in += obj.size
             return stored
+
+    def _queue_disk_write(self, key: bytes, obj: StoredObject) -> None:
+        old = self._pending.pop(key, None)
+        if old is not None:
+            self._pending_bytes -= old.size
+        self._pending[key] = obj
+        self._pending_bytes += obj.size
+        self._spawn(self._write_behind(key, obj))
+
+    async def _write_behind(self, key: bytes, obj: StoredObject) -> None:
+        async with self._keys.hold(key):  # FIFO: after the Put that queued it, before any later write of key
+            if self._pending.get(key) is not obj:
+                return  # superseded by a newer write (or deleted): that one is written instead
+            try:
+                await self._disk_put(key, obj)
+            finally:
+                if self._pending.get(key) is obj:
+                    del self._pending[key]
+                    self._pending_bytes -= obj.size
 
     async def _disk_put(self, key: bytes, obj: StoredObject) -> bool:
         """Disk write in a worker thread; a failure before the write started (thread pool gone) is False."""
@@ -248,6 +289,10 @@ class TieredStore:
         async with self._keys.hold(key):
             self._mark_written(key)
             found = False
+            pending = self._pending.pop(key, None)
+            if pending is not None:
+                self._pending_bytes -= pending.size
+                found = True
             if self.ram is not None:
                 found |= self.ram.delete(key)
             if self.disk is not None:

@@ -439,3 +439,21 @@ def test_bearer_scheme_is_case_insensitive(tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 stats(b"", metadata=(("authorization", bad),), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, bad
+
+
+# ------------------------------------------------------------------------------------- write-behind mode
+def test_write_behind_acknowledges_from_memory_and_lands_on_disk_in_write_order(tmp_path):
+    versions = [os.urandom(200_000) for _ in range(6)]
+    with BackgroundServer(config(tmp_path, disk_write_behind=True)) as srv, KVStoreClient(srv.target) as kv:
+        for v in versions:  # rapid overwrites: the disk must end with the last one, never an older one
+            assert kv.put(b"wb/key", v) == ["ram"]
+        others = {b"wb/%d" % i: os.urandom(50_000) for i in range(10)}
+        for key, blob in others.items():
+            kv.put(key, blob)
+        assert kv.get(b"wb/key") == versions[-1]
+    # stop() waited for the background writes: a fresh server with no RAM reads everything from disk
+    with BackgroundServer(config(tmp_path, ram_bytes=0)) as srv, KVStoreClient(srv.target) as kv:
+        assert kv.get(b"wb/key") == versions[-1]
+        assert all(kv.get(key) == blob for key, blob in others.items())
+    with pytest.raises(ValueError, match="write_behind"):
+        config(tmp_path, disk_write_behind=True, require_disk=True)
