@@ -3,19 +3,27 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 SHARED ?= ../shared
-MODEL ?= $(SHARED)/models/stories260K
+MODEL ?= smollm2-135m
 TEXTS ?= $(SHARED)/data/texts
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvrecall-installed
+EXTRAS := cpu,test,bench,models,embedders
+# Strict editable mode links every file of the package-dir mapping into one tree that type checkers and IDEs
+# follow (the default mode hides kvrecall.<folder> behind an import hook). New files need a re-link, so the
+# list of package files is a dependency of the install.
+EDITABLE := --config-settings editable_mode=strict
+FILES := $(VENV)/.kvrecall-files
+$(shell mkdir -p $(VENV) && find kvrecall encoder kvstore retriever kernels \( -name '*.py' -o -name '*.c' -o -name py.typed \) \
+	-not -path '*/__pycache__/*' | sort > $(FILES).new && (cmp -s $(FILES).new $(FILES) || mv $(FILES).new $(FILES)); rm -f $(FILES).new)
 
-.PHONY: install demo test check-stubs stubs bench-quick clean
+.PHONY: install demo demo-fast test test-deps check-stubs stubs bench-quick gpu-check clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(FILES)
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@# Reuse an installed torch; otherwise take the pinned CPU build (never a CUDA one by accident).
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q "setuptools>=74" wheel
-	$(PY) -m pip install -q -e ".[cpu,test,bench]"
+	$(PY) -m pip install -q --no-build-isolation $(EDITABLE) -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -23,7 +31,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/kvrecall demo --model $(MODEL) --texts $(TEXTS)
 
-test: $(STAMP)
+demo-fast: $(STAMP)
+	$(VENV)/bin/kvrecall demo --model $(SHARED)/models/stories260K --texts $(TEXTS)
+
+test-deps:
+	@bash .ci/ensure-test-deps
+
+test: $(STAMP) test-deps
 	$(PY) -m pytest -q tests
 
 stubs: $(STAMP)

@@ -17,8 +17,17 @@ in): :class:`ContextCache`, :class:`Controller`, and the names later modules add
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 __version__ = "0.1.0"
+
+# Imported straight from a source checkout (the repository root on sys.path, as with `python -m pytest` there):
+# the sub-packages live in sibling folders (encoder/, kvstore/, ...) that the installed package-dir mapping names
+# kvrecall.<folder>; let the root serve as a second search path so the same names resolve. An installed copy
+# (wheel, or the strict editable link tree) has no such siblings and is left alone.
+_ROOT = Path(__file__).parent.parent
+if (_ROOT / "pyproject.toml").is_file() and (_ROOT / "encoder" / "__init__.py").is_file():
+    __path__.append(str(_ROOT))  # type: ignore[name-defined]  # noqa: F821
 
 # public name -> module under kvrecall that defines it
 _EXPORTS = {

@@ -45,3 +45,21 @@ def test_install_imports_every_subpackage_from_outside(tmp_path, editable):
     assert files["kvrecall.encoder"].endswith(("encoder/__init__.py"))
     entry = tmp_path / "env" / "bin" / "kvrecall"
     assert entry.exists()
+
+
+@pytest.mark.slow
+def test_strict_editable_install_is_followed_by_type_checkers(tmp_path):
+    """The Makefile's strict editable mode: mypy resolves kvrecall.<folder> and reads kvrecall's py.typed."""
+    py = _fresh_env(tmp_path / "env")
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--config-settings", "editable_mode=strict", "-e", str(REPO)],
+                   check=True, cwd=tmp_path, capture_output=True)
+    probe = tmp_path / "probe.py"
+    probe.write_text("from kvrecall.encoder import encode\nfrom kvrecall.models import load_model\n"
+                     "from kvrecall.retriever import RetrieverProfile\nimport kvrecall.no_such_module\n")
+    out = subprocess.run([py, "-m", "mypy", "--follow-imports=skip", "--no-incremental", str(probe)],
+                         cwd=tmp_path, capture_output=True, text=True)
+    errors = [line for line in out.stdout.splitlines() if "error:" in line]
+    # Exactly the one import that does not exist is reported: the real sub-packages are found.
+    assert len(errors) == 1 and "kvrecall.no_such_module" in errors[0], out.stdout
+    assert (REPO / "kvrecall" / "py.typed").is_file()
