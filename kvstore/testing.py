@@ -91,13 +91,15 @@ class ServerProcess:
     """``python -m kvrecall.cli serve`` in a subprocess on a free port; waits for its ``ready`` line.
 
     ``args`` are extra CLI arguments; ``env`` extra environment variables. Output lines are kept in
-    :attr:`lines`.
+    :attr:`lines`. With ``config`` (a dict of :class:`~kvrecall.kvstore.server.ServerConfig` fields) the server
+    runs through ``python -m kvrecall.kvstore.testing`` instead, for settings the CLI does not offer.
     """
 
     def __init__(self, args: list[str] | None = None, env: dict[str, str] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, config: dict | None = None) -> None:
         self.port = port or free_port()
         self.args = list(args or [])
+        self.config = config  # ServerConfig fields as JSON: run `python -m kvrecall.kvstore.testing` instead
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
@@ -109,6 +111,10 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         cmd = [sys.executable, "-m", "kvrecall.cli", "serve", "--port", str(self.port), *self.args]
+        if self.config is not None:
+            import json
+
+            cmd = [sys.executable, "-m", "kvrecall.kvstore.testing", json.dumps({**self.config, "port": self.port})]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
         threading.Thread(target=self._pump, daemon=True).start()
         if not self._ready.wait(timeout):
@@ -143,3 +149,19 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+def _serve_from_json(text: str) -> None:
+    """``python -m kvrecall.kvstore.testing '{"port": 0, "disk_dir": ...}'``: serve a ServerConfig given as JSON."""
+    import json
+    import logging
+
+    from kvrecall.kvstore.server import ServerConfig, serve
+
+    fields = json.loads(text)
+    logging.basicConfig(level=fields.pop("log_level", "WARNING"))
+    serve(ServerConfig(**fields))
+
+
+if __name__ == "__main__":
+    _serve_from_json(sys.argv[1])
