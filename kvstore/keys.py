@@ -6,6 +6,8 @@ import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 
+from kvrecall import defaults
+
 __all__ = ["DEFAULT_MAX_KEY_BYTES", "KeyValidationError", "validate_key", "chunk_key", "chunk_keys", "key_digest"]
 
 DEFAULT_MAX_KEY_BYTES = 1024
@@ -79,7 +81,7 @@ def chunk_keys(
     token_ids: Iterable[int],
     model_id: str | bytes,
     profile_id: str | bytes,
-    chunk_tokens: int = 256,
+    chunk_tokens: int = defaults.CHUNK_TOKENS,
     parent: bytes = b"",
 ) -> list[bytes]:
     """Prefix-chain keys for the full chunks of a token sequence.

@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvrecall import defaults
 from kvrecall.kvstore.auth import BearerTokenInterceptor, server_credentials
 from kvrecall.kvstore.limits import Limits
 from kvrecall.kvstore.metrics import Metrics
@@ -95,7 +96,9 @@ class ServerConfig:
     At shutdown the server reports NOT_SERVING and keeps serving for ``drain_s`` seconds (so load balancers
     watching health stop sending new work), then refuses new calls and gives calls in flight ``grace_s``.
 
-    A tier is disabled by a zero budget (``ram_bytes``/``disk_bytes``) or, for disk, ``disk_dir=None``;
+    A tier is disabled by a zero budget (``ram_bytes``/``disk_bytes``) or, for disk, ``disk_dir=None`` (the
+    default: an in-process ``ServerConfig()`` never writes into the user's home; ``kvrecall serve`` passes
+    :func:`default_disk_dir`);
     Redis is used only when ``redis_url`` is set. ``port=0`` picks a free port (see ``KVStoreServer.port``).
 
     ``redis_url`` may be ``env:NAME`` (read from environment variable ``NAME``) or ``file:PATH`` (the file's
@@ -114,7 +117,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     ram_bytes: int = 1 << 30
-    disk_dir: str | Path | None = field(default_factory=default_disk_dir)
+    disk_dir: str | Path | None = None  # in-process: no disk tier unless given; `kvrecall serve` uses default_disk_dir()
     disk_bytes: int = 10 << 30
     disk_fsync: bool = True
     redis_url: str | None = field(default=None, repr=False)
@@ -129,7 +132,7 @@ class ServerConfig:
     token: str | None = field(default=None, repr=False)
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
-    grace_s: float = 10.0
+    grace_s: float = defaults.SERVER_GRACE_S
     drain_s: float = 0.0
     require_disk: bool = False
     disk_write_behind: bool = False
@@ -384,5 +387,8 @@ async def _serve_until_signal(config: ServerConfig) -> None:
 
 
 def serve(config: ServerConfig | None = None) -> None:
-    """Run a kvstore server in the foreground until SIGTERM/SIGINT, then shut down gracefully."""
-    asyncio.run(_serve_until_signal(config or ServerConfig()))
+    """Run a kvstore server in the foreground until SIGTERM/SIGINT, then shut down gracefully.
+
+    With no ``config``: the command line's defaults (RAM, and disk under :func:`default_disk_dir`).
+    """
+    asyncio.run(_serve_until_signal(config or ServerConfig(disk_dir=default_disk_dir())))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kvrecall import defaults
+
 DESCRIPTION = (
     "Run the kvrecall KV store: a gRPC service keeping encoded KV chunks in RAM (LRU), on disk (durable, LRU) "
     "and optionally in a Redis shared by several servers. With no options it listens on 127.0.0.1:50051 with "
@@ -14,8 +16,10 @@ DESCRIPTION = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the gRPC KV store", description=DESCRIPTION)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    p.add_argument("--host", default=defaults.SERVER_HOST,
+                   help=f"address to bind (default {defaults.SERVER_HOST}; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=defaults.SERVER_PORT,
+                   help=f"port (default {defaults.SERVER_PORT}; 0 picks a free one)")
     p.add_argument("--ram-bytes", default="1GiB", help="RAM tier budget (default 1GiB; 0 disables the tier)")
     p.add_argument("--disk-dir", default=None,
                    help="disk tier directory (default $XDG_CACHE_HOME/kvrecall/store or ~/.cache/kvrecall/store)")
@@ -38,9 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest gRPC message (default 4MiB); clients' chunk size must fit in it")
     p.add_argument("--chunk-bytes", default="1MiB", help="default Get chunk size (default 1MiB)")
     p.add_argument("--max-inflight-bytes", default="2GiB", help="bytes of Puts received at once (default 2GiB)")
-    p.add_argument("--drain", type=float, default=1.0,
-                   help="seconds of NOT_SERVING health while still serving, at shutdown (default 1)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds calls in flight get at shutdown (default 10)")
+    p.add_argument("--drain", type=float, default=defaults.SERVER_DRAIN_S,
+                   help=f"seconds of NOT_SERVING health while still serving, at shutdown (default {defaults.SERVER_DRAIN_S:g})")
+    p.add_argument("--grace", type=float, default=defaults.SERVER_GRACE_S,
+                   help=f"seconds calls in flight get at shutdown (default {defaults.SERVER_GRACE_S:g})")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
 
