@@ -468,7 +468,7 @@ class ContextCache:
             "; ".join(f"chunk {c.index}: {c.choice} (est {1e3 * c.estimated_s:.1f} ms at "
                       f"{c.bandwidth_Bps / 1e9:.2f} GB/s)" for c in choices),
         )  # fmt: skip
-        return sink.finish(report.tokens), report
+        return (sink.finish(report.tokens) if report.tokens else None), report
 
     def load(self, input_ids, dtype: torch.dtype | None = None) -> LoadResult:
         """Fetch and decode the longest stored prefix of ``input_ids`` as a tensor (keys before RoPE).
@@ -565,3 +565,34 @@ class ContextCache:
         with torch.no_grad():
             return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
                                   **cache_kwargs(model, cache), **generate_kwargs)
+
+    def load_retrieval_cache(self, model, input_ids, retriever_profile, budget: float = defaults.RETRIEVAL_BUDGET,
+                             **retrieval_kwargs):
+        """The same stored chunks, decoded into a :class:`kvrecall.retrieval_cache.RetrievalCache` (no dense cache).
+
+        The longest stored prefix (at most ``len - 1`` tokens, the one-token rule) is decoded on the host into
+        pre-RoPE KV and handed to ``RetrievalCache.from_kv``, which keeps sinks, window and key codes resident and
+        moves every other row to its offload store. Continue with
+        ``model.generate(input_ids, **cache_kwargs(model, rcache))``; uncached tokens are prefilled through it.
+
+        Parameters
+        ----------
+        retriever_profile : kvrecall.retriever.RetrieverProfile
+        budget : float or int
+            Top-k per query head (fraction of the context, or tokens).
+        **retrieval_kwargs
+            ``sinks``, ``window``, ``offload``, ... of :class:`~kvrecall.retrieval_cache.RetrievalCache`.
+
+        Returns
+        -------
+        RetrievalCache
+            Holding :attr:`last_report`'s ``tokens`` tokens (empty when nothing is stored).
+        """
+        from kvrecall.retrieval_cache import RetrievalCache
+
+        ids = self._ids(input_ids)
+        dtype = next(model.parameters()).dtype
+        kv, report = self._load_into(ids, ids.numel() - 1, lambda n: _TensorSink(n, self.chunk_tokens, dtype))
+        if kv is None:
+            return RetrievalCache(model, retriever_profile, budget, **retrieval_kwargs)
+        return RetrievalCache.from_kv(model, retriever_profile, kv, budget=budget, **retrieval_kwargs)
