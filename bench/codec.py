@@ -35,7 +35,8 @@ SHARED = REPO.parent / "shared"
 GIB = 1 << 30
 
 # Context / continuation per model: whole 256-token chunks of context, all inside the training length.
-MODEL_LENGTHS = {"stories260K": (256, 256), "fixture-hd64": (768, 256)}
+MODEL_LENGTHS = {"stories260K": (256, 256), "fixture-hd64": (768, 256), "smollm2-135m": (2048, 256)}
+CALIB_TOKENS_MAX = 2048  # calibration prefills are capped here (the profile serves every context length)
 MODEL_LABELS = {"fixture-hd64": "fixture-hd64 (ours)"}
 
 
@@ -51,7 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-texts", type=Path, default=SHARED / "data" / "texts" / "gutenberg",
                    help="texts to calibrate our codec profile on (must be disjoint from --texts)")
     p.add_argument("--n-texts", type=int, help="evaluation texts per model (default 3 quick, 12 full)")
-    p.add_argument("--context", type=int, help="context tokens (default per model: 256 stories260K, 768 hd64)")
+    p.add_argument("--context", type=int, nargs="+",
+                   help="context tokens; several give one row set per length (default per model: 256 stories260K, "
+                        "768 hd64, 2048 smollm2-135m)")
+    p.add_argument("--primary-contexts", type=int, nargs="+",
+                   help="context lengths for the primary (first) model only, e.g. 2048 8192 (default: --context)")
+    p.add_argument("--primary-texts", type=int, nargs="+",
+                   help="evaluation texts per primary-model context length (default --n-texts for each)")
+    p.add_argument("--passcode", type=int, help="planted-passcode cases on the primary model (default 10, quick 0)")
+    p.add_argument("--passcode-tokens", type=int, default=4096, help="prompt tokens of each passcode case")
     p.add_argument("--cont", type=int, help="continuation tokens (default per model: 256 / 256)")
     p.add_argument("--chunk", type=int, default=256, help="tokens per encoded chunk")
     p.add_argument("--repeats", type=int, help="timing repeats per text (median; default 1 quick, 3 full)")
@@ -63,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.models = [str(root / "stories260K")] if args.quick else ["smollm2-135m"] + [str(root / n) for n in found]
     args.n_texts = args.n_texts or (3 if args.quick else 12)
     args.repeats = args.repeats or (1 if args.quick else 3)
-    for name in ("n_texts", "context", "cont", "chunk", "repeats", "threads"):
+    args.passcode = (0 if args.quick else 10) if args.passcode is None else args.passcode
+    for name in ("n_texts", "cont", "chunk", "repeats", "threads"):
         value = getattr(args, name)
         if value is not None and value < (2 if name == "cont" else 1):
             p.error(f"--{name.replace('_', '-')} must be >= {2 if name == 'cont' else 1}, got {value}")
@@ -111,8 +121,9 @@ class OurCodec:
 def load_ours(model, tok, model_path: str, calib_dir: Path, context: int, chunk: int) -> tuple[list[OurCodec], dict]:
     """Our codec at every level, its profile calibrated on ``calib_dir`` texts; ``([], info)`` if not built yet.
 
-    Calibration samples: the prefill KV of the first ``context`` tokens of each calibration text (texts shorter
-    than one chunk are skipped).
+    Calibration samples: the prefill KV and queries of the first ``min(context, CALIB_TOKENS_MAX)`` tokens of each
+    calibration text (texts shorter than one chunk are skipped); key channels are weighted by the queries'
+    energy, as ``kvrecall calibrate-codec`` does.
     """
     try:
         import kvrecall.encoder as enc
@@ -120,17 +131,20 @@ def load_ours(model, tok, model_path: str, calib_dir: Path, context: int, chunk:
         return [], {"ours": f"kvrecall.encoder not importable: {exc}"}
     if not all(hasattr(enc, n) for n in ("encode", "decode", "CodecProfile", "LEVELS")):
         return [], {"ours": "kvrecall.encoder has no encode/decode/CodecProfile/LEVELS yet: baselines only"}
-    from kvrecall.models import model_fingerprint, prefill_kv, read_texts
+    from kvrecall.models import capture_qkv, model_fingerprint, read_texts
 
-    samples = []
+    context = min(context, CALIB_TOKENS_MAX)
+    samples, queries = [], []
     for _, text in read_texts(calib_dir):
         ids = first_tokens(tok, text, context)
         if len(ids) >= min(context, chunk):
-            samples.append(prefill_kv(model, ids))
+            qkv = capture_qkv(model, ids)
+            samples.append(qkv.kv())
+            queries.append(qkv.q)
     if not samples:
         raise SystemExit(f"no calibration text under {calib_dir} holds {min(context, chunk)} tokens")
     start = time.perf_counter()
-    profile = enc.CodecProfile.calibrate(samples, model_fingerprint(model_path))
+    profile = enc.CodecProfile.calibrate(samples, model_fingerprint(model_path), query_samples=queries)
     calib_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         profile.save(Path(tmp) / "profile")
@@ -286,19 +300,29 @@ def measure(model, codec: BaselineCodec | OurCodec, case: TextCase, chunk: int, 
     return blobs
 
 
-def run_model(path: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
-    """All rows of one model, plus facts about our codec on it (profile size, coder overhead)."""
+def run_model(path: str, args: argparse.Namespace, context: int | None = None, n_texts: int | None = None,
+              loaded: dict | None = None) -> tuple[list[dict], dict]:
+    """All rows of one model at one context length, plus facts about our codec on it (profile size, coder
+    overhead). ``loaded`` caches the model and our calibrated codecs between context lengths."""
     from tqdm import tqdm
 
     from kvrecall.models import load_model
 
-    model, tok = load_model(path)
+    loaded = {} if loaded is None else loaded
+    if "model" not in loaded:
+        loaded["model"] = load_model(path)
+    model, tok = loaded["model"]
     name = Path(path).name
+    context0, cont = MODEL_LENGTHS.get(name, (256, 256))
+    context, cont = context or context0, args.cont or cont
     label = MODEL_LABELS.get(name, name)
-    context, cont = MODEL_LENGTHS.get(name, (256, 256))
-    context, cont = args.context or context, args.cont or cont
-    cases = build_cases(model, tok, args.texts, args.n_texts, context, cont)
-    ours, info = load_ours(model, tok, path, args.calib_texts, context + cont, args.chunk)
+    if context != context0 or args.primary_contexts:
+        label = f"{label} @{context // 1024}K" if context % 1024 == 0 else f"{label} @{context}"
+    cases = build_cases(model, tok, args.texts, n_texts or args.n_texts, context, cont)
+    if "ours" not in loaded:
+        loaded["ours"] = load_ours(model, tok, path, args.calib_texts, context + cont, args.chunk)
+    ours, info = loaded["ours"]
+    info = dict(info)
     codecs = [c for c in baseline_codecs(args.quick)] + ours
     accs = {(c.name, c.level): RowAccumulator() for c in codecs}
     our_blobs: dict[str, tuple[OurCodec, list[bytes]]] = {}
@@ -368,6 +392,22 @@ def evaluate_targets(rows: list[dict], infos: dict[str, dict]) -> dict:
             t["bits_ratio_le_0.7"] = ratio is not None and ratio <= 0.7
             t["stretch_bits_le_2"] = best is not None and best["bits_per_element"] <= 2.0
             t["ours_bits_at_cachegen_kl_interpolated"] = _bits_at_kl(mine, cg["kl"])
+        kivi4 = next((r for r in rows if r["model"] == model and r["codec"] == "kivi-4bit"), None)
+        if kivi4 and mine:
+            ok = [r for r in mine if r["kl"] <= kivi4["kl"]]
+            best = min(ok, key=lambda r: r["bits_per_element"]) if ok else None
+            t["kivi4"] = {"bits_per_element": kivi4["bits_per_element"], "kl": kivi4["kl"]}
+            t["ours_at_or_below_kivi4_kl"] = None if best is None else {
+                "level": best["level"], "bits_per_element": best["bits_per_element"], "kl": best["kl"]}
+            ratio = None if best is None else best["bits_per_element"] / kivi4["bits_per_element"]
+            t["bits_ratio_vs_kivi4"] = ratio
+            t["bits_ratio_vs_kivi4_le_0.75"] = ratio is not None and ratio <= 0.75
+        cgs = [r for r in rows if r["model"] == model and r["codec"] == "cachegen"]
+        if cgs and mine:
+            dominated = [r["level"] for r in mine if any(
+                c["bits_per_element"] <= r["bits_per_element"] and c["kl"] <= r["kl"] for c in cgs)]
+            t["our_levels_dominated_by_cachegen"] = dominated
+            t["no_cachegen_level_dominates_ours"] = not dominated
         ov = info.get("coder_overhead_pct")
         t["coder_overhead_pct"] = ov
         t["coder_overhead_le_2pct"] = ov is not None and ov <= 2.0
@@ -445,22 +485,84 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def run_passcode(path: str, args: argparse.Namespace, loaded: dict) -> dict:
+    """Planted-passcode accuracy with the context KV replaced by its decoded form (exact KV first)."""
+    from codec_metrics import greedy_answer, passcode_cases
+    from tqdm import tqdm
+
+    from kvrecall import defaults
+    from kvrecall.models import apply_rope, prefill_kv, read_texts, rope_cos_sin
+
+    model, tok = loaded["model"]
+    ours, _ = loaded["ours"]
+    cases = passcode_cases(tok, read_texts(args.calib_texts), args.passcode, args.passcode_tokens)
+    wanted = {("kvrecall", defaults.CODEC_LEVEL), ("kvrecall", "low"), ("kivi-4bit", "g32"), ("cachegen", "2")}
+    codecs = [c for c in baseline_codecs(False) + ours if (c.name, str(c.level)) in wanted]
+    results = {"exact": []} | {f"{c.name}/{c.level}": [] for c in codecs}
+    bits = {f"{c.name}/{c.level}": [0, 0] for c in codecs}
+    with tqdm(total=len(cases) * (1 + len(codecs)), desc="passcode", unit="run", leave=False) as bar:
+        for case in cases:
+            kv = prefill_kv(model, case.context_ids)
+            results["exact"].append(case.passcode in greedy_answer(model, tok, kv, case.last_id))
+            bar.update()
+            cos, sin = rope_cos_sin(model, torch.arange(kv.shape[3]))
+            for c in codecs:
+                x = kv.clone()
+                if c.keys_post_rope:
+                    x[:, 0] = apply_rope(kv[:, 0], cos, sin)
+                chunks = [x[:, :, :, s : s + args.chunk].contiguous() for s in range(0, x.shape[3], args.chunk)]
+                blobs = c.encode_all(chunks)
+                y = torch.cat([d.float() for d in c.decode_all(blobs)], dim=3)
+                key = f"{c.name}/{c.level}"
+                bits[key][0] += sum(len(b) for b in blobs) * 8
+                bits[key][1] += x.numel()
+                answer = greedy_answer(model, tok, y, case.last_id) if not c.keys_post_rope else None
+                if c.keys_post_rope:  # CacheGen decodes post-RoPE keys: undo before handing the KV over
+                    from kvrecall.models import undo_rope
+
+                    y[:, 0] = undo_rope(y[:, 0], cos, sin)
+                    answer = greedy_answer(model, tok, y, case.last_id)
+                results[key].append(case.passcode in answer)
+                bar.update()
+    return {
+        "tokens": args.passcode_tokens, "cases": len(cases), "depths": [round(c.depth, 3) for c in cases],
+        "accuracy": {k: sum(v) / len(v) for k, v in results.items()},
+        "bits_per_element": {k: b / max(1, n) for k, (b, n) in bits.items()},
+        "per_case": results, "default_level": defaults.CODEC_LEVEL,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.time()
     rows, infos = [], {}
-    for path in args.models:
-        model_rows, info = run_model(path, args)
-        rows += model_rows
-        infos[model_rows[0]["model"]] = info
+    passcode = None
+    for i, path in enumerate(args.models):
+        loaded: dict = {}
+        contexts = (args.primary_contexts if i == 0 and args.primary_contexts else args.context) or [None]
+        n_texts = (args.primary_texts if i == 0 and args.primary_texts else None) or [args.n_texts] * len(contexts)
+        for context, n in zip(contexts, n_texts + [args.n_texts] * len(contexts)):
+            model_rows, info = run_model(path, args, context, n, loaded)
+            rows += model_rows
+            infos[model_rows[0]["model"]] = info
+        if i == 0 and args.passcode and not getattr(loaded["model"][1], "chat_template", None):
+            print(f"passcode test skipped: {path} has no chat template")
+        elif i == 0 and args.passcode:
+            passcode = run_passcode(path, args, loaded)
+            print("passcode accuracy:", json.dumps(passcode["accuracy"]))
     targets = evaluate_targets(rows, infos)
+    if passcode:
+        acc = passcode["accuracy"]
+        targets["passcode"] = {"exact": acc["exact"], "ours_default": acc.get(f"kvrecall/{passcode['default_level']}"),
+                               "ours_default_equals_exact": acc.get(f"kvrecall/{passcode['default_level']}") == acc["exact"]}
     overheads = [i["coder_overhead_pct"] for i in infos.values() if i.get("coder_overhead_pct") is not None]
     result = {
         "rows": rows,
         "coder_overhead_pct": max(overheads) if overheads else None,
         "targets": targets,
+        "passcode": passcode,
         "models": infos,
         "settings": {"quick": args.quick, "chunk_tokens": args.chunk, "repeats": args.repeats,
                      "threads": args.threads, "texts": str(args.texts), "calib_texts": str(args.calib_texts),

@@ -18,6 +18,9 @@ __all__ = [
     "empirical_entropy_bits",
     "median_seconds",
     "RowAccumulator",
+    "PasscodeCase",
+    "passcode_cases",
+    "greedy_answer",
 ]
 
 
@@ -136,3 +139,58 @@ class RowAccumulator:
         times = self.encode_s if which == "encode" else self.decode_s
         rates = [b / t / 1e6 for b, t in zip(self.fp16_bytes, times) if t > 0]
         return statistics.median(rates) if rates else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ passcode test
+@dataclass
+class PasscodeCase:
+    """One planted-passcode prompt: context token ids (the KV that gets replaced), the last prompt token, answer."""
+
+    depth: float
+    passcode: str
+    context_ids: torch.Tensor  # [T]
+    last_id: int
+
+
+def passcode_cases(tok, texts: list[tuple[str, str]], n: int, tokens: int, seed: int = 0) -> list[PasscodeCase]:
+    """``n`` prompts of about ``tokens`` tokens: a gutenberg excerpt with a five-digit passcode planted at depths
+    spread over 10-90%, asked through the model's chat template (greedy answer expected to contain the digits)."""
+    import random
+
+    rng = random.Random(seed)
+    question = "\n\nWhat is the secret passcode mentioned in the text above? Answer with the five digits only."
+    cases = []
+    for i in range(n):
+        depth = 0.1 + 0.8 * i / max(1, n - 1)
+        name, text = texts[i % len(texts)]
+        code = f"{rng.randrange(10000, 100000)}"
+        needle = f" The secret passcode is {code}. Remember the passcode {code}. "
+        budget = tokens - 80  # chat template, needle and question
+        ids = tok(text[: 6 * budget], add_special_tokens=False)["input_ids"][:budget]
+        cut = int(depth * len(ids))
+        excerpt = tok.decode(ids[:cut]) + needle + tok.decode(ids[cut:])
+        msgs = [{"role": "user", "content": excerpt + question}]
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if hasattr(prompt, "keys"):
+            prompt = prompt["input_ids"]
+        prompt = torch.tensor(list(prompt), dtype=torch.long).flatten()
+        cases.append(PasscodeCase(depth, code, prompt[:-1], int(prompt[-1])))
+    return cases
+
+
+def greedy_answer(model, tok, kv: torch.Tensor, last_id: int, max_new: int = 10) -> str:
+    """Greedy continuation after a context given only as its KV ``[L, 2, H, T, D]`` (keys pre-RoPE)."""
+    from kvrecall.models import cache_kwargs, kv_to_cache, output_cache
+
+    cache = kv_to_cache(model, kv)
+    pos, nxt, out = kv.shape[3], last_id, []
+    with torch.no_grad():
+        for i in range(max_new):
+            o = model(torch.tensor([[nxt]]), position_ids=torch.tensor([[pos + i]]), use_cache=True,
+                      **cache_kwargs(model, cache))
+            cache = output_cache(o)
+            nxt = int(o.logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+    return tok.decode(out)

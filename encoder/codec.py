@@ -21,8 +21,12 @@ from kvrecall.encoder.quantize import (
     SYMBOL_LIMIT,
     LEVEL_STEP,
     LEVELS,
+    LOSSLESS,
     QuantizedChunk,
     check_kv,
+    exact_dtype_for,
+    find_sink_tokens,
+    with_exact_tokens,
     dequantize,
     layer_step_factors,
     level_index,
@@ -116,12 +120,47 @@ def _fallback_scales(x: torch.Tensor, li: int) -> tuple[torch.Tensor, torch.Tens
     return step, offset, scales
 
 
+def _lossless(kv: torch.Tensor, profile_id: str | None, keys_pre_rope: bool) -> QuantizedChunk:
+    layers, _, heads, tokens, head_dim = kv.shape
+    zeros = torch.zeros(layers, 2, heads, head_dim)
+    return QuantizedChunk(
+        torch.zeros(kv.shape, dtype=torch.int16), zeros, zeros, kv.dtype, LOSSLESS, profile_id, keys_pre_rope,
+        torch.arange(tokens), kv.detach().to("cpu").to(exact_dtype_for(kv, lossless=True)).contiguous(),
+    )
+
+
 def quantize(
-    kv: torch.Tensor, profile: CodecProfile | None = None, level: str | int = "medium", keys_pre_rope: bool = True
+    kv: torch.Tensor,
+    profile: CodecProfile | None = None,
+    level: str | int = "medium",
+    keys_pre_rope: bool = True,
+    exact_tokens: torch.Tensor | None = None,
 ) -> QuantizedChunk:
-    """Quantize ``kv`` ``[L, 2, H, T, D]`` with the steps of ``profile`` (or of the chunk itself) at ``level``."""
+    """Quantize ``kv`` ``[L, 2, H, T, D]`` with the steps of ``profile`` (or of the chunk itself) at ``level``.
+
+    ``exact_tokens`` (``Tensor[n]`` of token indices) are stored exactly; by default the attention sinks
+    :func:`~kvrecall.encoder.quantize.find_sink_tokens` finds. Level ``"lossless"`` stores every value exactly.
+    """
     check_kv(kv)
+    if level == LOSSLESS:
+        return _lossless(kv, None, keys_pre_rope)
     li = level_index(level)
+    q = _quantize_steps(kv, profile, li, keys_pre_rope)
+    tokens = find_sink_tokens(kv) if exact_tokens is None else _check_exact_tokens(exact_tokens, kv.shape[3])
+    return with_exact_tokens(q, kv, tokens)
+
+
+def _check_exact_tokens(tokens, n: int) -> torch.Tensor:
+    t = torch.as_tensor(tokens)
+    if t.ndim != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise CodecError(f"exact_tokens must be a 1-D integer tensor, got {tuple(t.shape)} {t.dtype}")
+    t = torch.unique(t.to(torch.int64))
+    if t.numel() and (int(t[0]) < 0 or int(t[-1]) >= n):
+        raise CodecError(f"exact_tokens must lie in [0, {n}), got {t.tolist()}")
+    return t
+
+
+def _quantize_steps(kv: torch.Tensor, profile: CodecProfile | None, li: int, keys_pre_rope: bool) -> QuantizedChunk:
     if profile is not None:
         profile.check_shape(kv.shape[0], kv.shape[2], kv.shape[4])
         if profile.keys_pre_rope != keys_pre_rope:
@@ -192,12 +231,14 @@ class _Prepared:
     delta: np.ndarray
     scales: bytes
     tables_bytes: bytes
-    tables: TableSet
+    tables: TableSet | None
     idx: np.ndarray  # [S, T * G] alphabet indices
     tab: np.ndarray  # [S, G] table ids
     escapes: np.ndarray
+    quantized: QuantizedChunk
 
     def pack(self, words: np.ndarray, counts: np.ndarray) -> bytes:
+        q = self.quantized
         return pack_chunk(
             shape=self.kv_shape,
             dtype=self.dtype,
@@ -212,15 +253,31 @@ class _Prepared:
             word_counts=counts,
             escapes=self.escapes,
             words=words,
+            exact_tokens=None if q.exact_tokens is None else q.exact_tokens.numpy(),
+            exact_values=q.exact_values,
         )
 
+    def encode_alone(self) -> bytes:
+        if self.idx.shape[0] == 0:  # lossless: no streams
+            return self.pack(np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.int64))
+        return self.pack(*_encode_streams(self.idx, self.tab, self.tables.rans))
 
-def _prepare(kv: torch.Tensor, profile: CodecProfile | None, level: str | int, keys_pre_rope: bool) -> _Prepared:
+
+def _prepare(
+    kv: torch.Tensor, profile: CodecProfile | None, level: str | int, keys_pre_rope: bool, exact_tokens=None
+) -> _Prepared:
     check_kv(kv)
+    layers, _, heads, tokens, head_dim = kv.shape
+    if level == LOSSLESS:
+        q = _lossless(kv, None, keys_pre_rope)
+        empty = np.zeros((0, 0), dtype=np.int64)
+        return _Prepared(
+            tuple(kv.shape), kv.dtype, LOSSLESS, DEFAULT_SCALE_BITS, keys_pre_rope, None, head_dim,
+            np.zeros((layers, 2), dtype=bool), b"", b"", None, empty, empty, np.zeros(0, dtype=np.int32), q,
+        )  # fmt: skip
     li = level_index(level)
-    tokens, head_dim = kv.shape[3], kv.shape[4]
     if profile is not None:
-        q = quantize(kv, profile, li, keys_pre_rope)
+        q = quantize(kv, profile, li, keys_pre_rope, exact_tokens)
         ts = profile.tableset(li)
         delta = profile.delta[li]
         scale_bits = profile.scale_bits
@@ -228,6 +285,8 @@ def _prepare(kv: torch.Tensor, profile: CodecProfile | None, level: str | int, k
     else:
         step, offset, scales = _fallback_scales(kv, li)
         q = quantize_with(kv, step, offset, LEVELS[li], None, keys_pre_rope)
+        sinks = find_sink_tokens(kv) if exact_tokens is None else _check_exact_tokens(exact_tokens, tokens)
+        q = with_exact_tokens(q, kv, sinks)
         scale_bits = DEFAULT_SCALE_BITS
         delta, ts, tables = _fallback_tables(q.symbols.numpy().astype(np.int32), scale_bits)
     coded = apply_delta(q.symbols.numpy(), delta)
@@ -242,7 +301,7 @@ def _prepare(kv: torch.Tensor, profile: CodecProfile | None, level: str | int, k
     escapes = coded[_from_streams(esc, coded.shape, group)].astype(np.int32)  # C order of [L, 2, H, T, D]
     return _Prepared(
         tuple(kv.shape), kv.dtype, LEVELS[li], scale_bits, keys_pre_rope,
-        profile.profile_id if profile is not None else None, group, delta, scales, tables, ts, idx, tab, escapes,
+        profile.profile_id if profile is not None else None, group, delta, scales, tables, ts, idx, tab, escapes, q,
     )  # fmt: skip
 
 
@@ -252,6 +311,7 @@ def encode(
     level: str | int = "medium",
     *,
     keys_pre_rope: bool = True,
+    exact_tokens: torch.Tensor | None = None,
 ) -> bytes:
     """Encode a KV chunk into one self-describing bitstream.
 
@@ -262,18 +322,19 @@ def encode(
     profile : CodecProfile, optional
         The model's calibrated profile; None makes a self-contained chunk (steps and tables inside).
     level : str or int
-        Name from :data:`LEVELS` (finest first).
+        Name from :data:`LEVELS` (finest first), or ``"lossless"`` (every value in its own dtype).
     keys_pre_rope : bool
         Recorded in the header; must match the profile's.
+    exact_tokens : Tensor[n], int, optional
+        Token indices to store exactly; default: the attention sinks found by
+        :func:`~kvrecall.encoder.quantize.find_sink_tokens`.
 
     Returns
     -------
     bytes
         ``decode(result) == dequantize(quantize(kv, profile, level))`` exactly.
     """
-    prep = _prepare(kv, profile, level, keys_pre_rope)
-    words, counts = _encode_streams(prep.idx, prep.tab, prep.tables.rans)
-    return prep.pack(words, counts)
+    return _prepare(kv, profile, level, keys_pre_rope, exact_tokens).encode_alone()
 
 
 def encode_many(
@@ -291,10 +352,8 @@ def encode_many(
         raise CodecError(f"encode_many takes a list of tensors, got {type(kvs).__name__}")
     preps = [_prepare(kv, profile, level, keys_pre_rope) for kv in kvs]
     out: list = [None] * len(preps)
-    if profile is None:
-        for i, p in enumerate(preps):
-            out[i] = p.pack(*_encode_streams(p.idx, p.tab, p.tables.rans))
-        return out
+    if profile is None or level == LOSSLESS:
+        return [p.encode_alone() for p in preps]
     groups: dict = {}
     for i, p in enumerate(preps):
         groups.setdefault(p.idx.shape, []).append(i)
@@ -354,6 +413,23 @@ class ParsedChunk:
         uses table ``stream_tables()[s, i % G]``)."""
         return _stream_tables(self.tables.tmap, self.header.channels_per_stream)
 
+    def exact_tokens(self) -> np.ndarray:
+        """Tokens stored exactly: ``ndarray[header.n_exact]``, int32 view, ascending."""
+        h = self.header
+        return np.frombuffer(self.data, dtype="<i4", count=h.n_exact, offset=h.exact_offset)
+
+    def exact_values(self) -> torch.Tensor:
+        """Their values: ``Tensor[L, 2, H, n_exact, D]`` in ``header.exact_dtype`` (a view of the chunk's bytes)."""
+        h = self.header
+        layers, _, heads, _, head_dim = h.shape
+        n = layers * 2 * heads * h.n_exact * head_dim
+        wide = h.exact_dtype == torch.float32
+        raw = np.frombuffer(self.data, dtype="<i4" if wide else "<i2", count=n, offset=h.exact_offset + 4 * h.n_exact)
+        with warnings.catch_warnings():  # read-only buffer: torch warns; the view is never written
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(raw).view(h.exact_dtype)
+        return t.reshape(layers, 2, heads, h.n_exact, head_dim)
+
     def finish(self, coded):
         """:func:`~kvrecall.encoder.tables.finish_symbols` with this chunk's delta flags and escapes (in place)."""
         return finish_symbols(coded, self.header.delta, self.header.n_escapes, self.escape_values())
@@ -374,6 +450,9 @@ def parse_chunk(data: bytes | bytearray | memoryview, profile: CodecProfile | No
     h = parse_header(data)
     mv = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
     layers, _, heads, _, head_dim = h.shape
+    if h.lossless:
+        zeros = torch.zeros(layers, 2, heads, head_dim)
+        return ParsedChunk(h, mv, None, zeros, zeros, object())
     if h.profile_id is not None:
         if profile is None:
             raise CodecError(f"chunk was encoded with codec profile {h.profile_id}; pass that profile to decode it")
@@ -455,30 +534,44 @@ def _decode_group(parts: list[ParsedChunk]) -> list[np.ndarray]:
     return out
 
 
-def _to_quantized(p: ParsedChunk, coded6: np.ndarray) -> QuantizedChunk:
+def _to_quantized(p: ParsedChunk, coded6: np.ndarray | None) -> QuantizedChunk:
     h = p.header
-    sym = np.empty(h.shape, dtype=np.int16)
-    np.copyto(sym.reshape(coded6.shape), coded6, casting="unsafe")  # values are within +-32767 (checked)
-    return QuantizedChunk(torch.from_numpy(sym), p.step, p.offset, h.dtype, h.level, h.profile_id, h.keys_pre_rope)
+    sym = np.zeros(h.shape, dtype=np.int16)
+    if coded6 is not None:
+        np.copyto(sym.reshape(coded6.shape), coded6, casting="unsafe")  # values are within +-32767 (checked)
+    tokens, values = None, None
+    if h.n_exact:
+        tokens = torch.from_numpy(p.exact_tokens().astype(np.int64))
+        values = p.exact_values().clone()
+    return QuantizedChunk(
+        torch.from_numpy(sym), p.step, p.offset, h.dtype, h.level, h.profile_id, h.keys_pre_rope, tokens, values
+    )
 
 
-def _dequantize_coded(p: ParsedChunk, coded6: np.ndarray, dtype: torch.dtype | None, device) -> torch.Tensor:
+def _dequantize_coded(p: ParsedChunk, coded6: np.ndarray | None, dtype: torch.dtype | None, device) -> torch.Tensor:
     """Values ``symbols * step + offset`` straight from the int32 symbols ``[L, 2, H, T, D//G, G]`` (one strided
-    pass, float32 numpy, then dtype/device)."""
+    pass, float32 numpy, then dtype/device), the exactly stored tokens written over them."""
+    h = p.header
+    dtype = dtype or h.dtype
+    if h.lossless:
+        return p.exact_values().to(device=device, dtype=dtype, copy=True)
     layers, _, heads, tokens, ng, group = coded6.shape
     step = p.step.numpy().reshape(layers, 2, heads, 1, ng, group)
     offset = p.offset.numpy().reshape(layers, 2, heads, 1, ng, group)
-    x = np.empty(p.header.shape, dtype=np.float32)
+    x = np.empty(h.shape, dtype=np.float32)
     x6 = x.reshape(coded6.shape)
     np.multiply(coded6, step, out=x6, dtype=np.float32)
     x6 += offset
-    return torch.from_numpy(x).to(device=device, dtype=dtype or p.header.dtype)
+    out = torch.from_numpy(x)
+    if h.n_exact:
+        out[:, :, :, torch.from_numpy(p.exact_tokens().astype(np.int64))] = p.exact_values().to(torch.float32)
+    return out.to(device=device, dtype=dtype)
 
 
 def decode_symbols(data: bytes, profile: CodecProfile | None = None) -> QuantizedChunk:
     """Decode a chunk to its working form (integer symbols + steps/offsets) without dequantizing."""
     p = parse_chunk(data, profile)
-    return _to_quantized(p, _decode_group([p])[0])
+    return _to_quantized(p, None if p.header.lossless else _decode_group([p])[0])
 
 
 def decode(
@@ -486,7 +579,7 @@ def decode(
 ) -> torch.Tensor:
     """Decode a chunk to ``Tensor[L, 2, H, T, D]`` (``dtype`` defaults to the encoded tensor's dtype)."""
     p = parse_chunk(data, profile)
-    return _dequantize_coded(p, _decode_group([p])[0], dtype, device)
+    return _dequantize_coded(p, None if p.header.lossless else _decode_group([p])[0], dtype, device)
 
 
 def _decode_many_coded(chunks: list[bytes], profile: CodecProfile | None) -> tuple[list[ParsedChunk], list[np.ndarray]]:
@@ -498,7 +591,8 @@ def _decode_many_coded(chunks: list[bytes], profile: CodecProfile | None) -> tup
     # (its cost is per symbol, and a narrow [T*G, S] output keeps its writes cache-local).
     per_chunk = _use_native()
     for i, p in enumerate(parsed):
-        groups.setdefault(i if per_chunk else (p.table_key, p.header.channels_per_stream), []).append(i)
+        if not p.header.lossless:
+            groups.setdefault(i if per_chunk else (p.table_key, p.header.channels_per_stream), []).append(i)
     coded: list = [None] * len(parsed)
     for members in groups.values():
         for i, c in zip(members, _decode_group([parsed[i] for i in members])):

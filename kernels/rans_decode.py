@@ -9,13 +9,14 @@ Decodes chunks of the codec's format (``docs/format.md``, reference decoder :mod
    launch advance together; each step is the loop of ``docs/format.md`` §3 (one LUT gather, a few integer ops,
    at most one 16-bit word read) and writes the coded value of the symbol (or the escape marker) straight to its
    ``[L, 2, H, T, D]`` position. Every lane reports its final state and word pointer.
-3. **Host/device checks after** — every stream must end in state ``2^16`` with its words consumed; the escape
-   count must match the header. Escapes are filled in C order, delta coding is undone with a cumulative sum over
-   tokens, symbols are checked to lie in ``+-32767`` — exactly as the CPU decoder does, so the symbols are
-   identical to :func:`kvrecall.encoder.decode_symbols` on every input (or both raise).
+3. **Host/device checks after** — every stream must end in state ``2^16`` with its words consumed; then the
+   codec's own :func:`kvrecall.encoder.finish_symbols` (one implementation for numpy and torch) fills escapes in
+   C order, undoes delta coding and checks the ``+-32767`` range on the device, so the symbols are identical to
+   :func:`kvrecall.encoder.decode_symbols` on every input (or both raise).
 4. ``_dequant_kernel`` — ``x = float32(q) * step + offset`` (no fused multiply-add, like numpy) cast to the
    destination dtype and stored at token offset ``start`` of a ``[L, 2, H, T_dest, D]`` destination (any strides,
-   channels contiguous), e.g. a preallocated cache.
+   channels contiguous), e.g. a preallocated cache; then the chunk's exactly stored tokens (format v2: attention
+   sinks; every token of a lossless chunk) are written over their rows.
 
 Reference twins: :func:`decode_symbols_reference` / :func:`decode_reference` (the CPU codec).
 """
@@ -174,6 +175,9 @@ def _decode_coded(parsed: list, device: torch.device) -> list[torch.Tensor]:
     out = [None] * len(parsed)
     by_bits: dict[int, list[int]] = {}
     for i, p in enumerate(parsed):
+        if p.header.lossless:  # no streams: every value is in the exact section
+            out[i] = torch.zeros(p.header.shape, dtype=torch.int32, device=device)
+            continue
         by_bits.setdefault(p.header.scale_bits, []).append(i)
     for scale_bits, members in by_bits.items():
         # distinct table sets of this launch, concatenated with table-id offsets
@@ -313,8 +317,12 @@ def decode_into(chunks, out: torch.Tensor, profile=None, start: int = 0) -> int:
     coded = _decode_coded(parsed, device)
     pos = start
     for p, c in zip(parsed, coded):
-        symbols = _finish_symbols(p, c)
         tokens = p.header.shape[3]
+        if p.header.lossless:
+            out[:, :, :, pos : pos + tokens] = p.exact_values().to(out.device, torch.float32).to(out.dtype)
+            pos += tokens
+            continue
+        symbols = _finish_symbols(p, c)
         step = p.step.to(device, torch.float32).contiguous()
         offset = p.offset.to(device, torch.float32).contiguous()
         block_t = 16 if device.type == "cuda" else 32
@@ -325,6 +333,9 @@ def decode_into(chunks, out: torch.Tensor, profile=None, start: int = 0) -> int:
             HEAD_DIM=head_dim, DIM_PAD=next_power_of_2(head_dim), BLOCK_T=block_t, OUT_BF16=bf16,
             enable_fp_fusion=False,
         )
+        if p.header.n_exact:  # exactly stored tokens (attention sinks) overwrite their dequantized rows
+            idx = torch.from_numpy(p.exact_tokens().astype(np.int64)).to(out.device) + pos
+            out[:, :, :, idx] = p.exact_values().to(out.device, torch.float32).to(out.dtype)
         pos += tokens
     return pos
 

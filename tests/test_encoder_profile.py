@@ -153,8 +153,8 @@ def test_cli_calibrate_codec_writes_loadable_profile(stories_path, texts_path, t
     kv = samples[1][:, :, :, :64]
     assert decode(encode(kv, p, "high"), p).shape == kv.shape
     # bad arguments give a clean non-zero exit
-    assert main(["calibrate-codec", "--model", str(tmp_path), "--texts", str(texts_path), "--out", str(out)]) == 1
+    assert main(["calibrate-codec", "--model", str(tmp_path), "--texts", str(texts_path), "--out", str(out)]) == 2
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["calibrate-codec", "--model", str(stories_path), "--texts", str(empty), "--out", str(out)]) == 1
+    assert main(["calibrate-codec", "--model", str(stories_path), "--texts", str(empty), "--out", str(out)]) == 2
     shutil.rmtree(empty)
