@@ -13,10 +13,11 @@ checks the CRC-32 end to end inside it (the ``kvstore-nocrc`` rows switch that o
 loop, a task per client), ``kvstore-nofsync`` rows put to a second server started with ``--no-fsync`` and
 ``kvstore-writebehind`` rows to a third with ``disk_write_behind`` (acknowledged from RAM, disk written in the
 background: the durability of redis-server without persistence until the write lands). Each kvstore row's
-``x_redis`` is its GB/s over redis-py's for the same op, size and clients, in the same run. Latencies are per call. Throughput with one client is object size / median
-latency, so a few outliers on a shared machine do not swing it; with several clients it is all bytes moved / wall
-time of the run (``--verbose`` also prints the wall-based figure of single-client rows). Rows:
-``{"system", "op", "object_bytes", "clients", "GBps", "p50_ms", "p99_ms", "errors"}``.
+``x_redis`` is its GB/s over redis-py's for the same op, size and clients, in the same run. Latencies are per
+call. Throughput with one client is object size / median latency, so a few outliers on a shared machine do not
+swing it; with several clients it is all bytes moved / wall time of the run (``--verbose`` also prints the
+wall-based figure of single-client rows). Rows: ``{"system", "op", "object_bytes", "clients", "GBps",
+"x_redis", "p50_ms", "p99_ms", "errors"}``.
 """
 
 from __future__ import annotations

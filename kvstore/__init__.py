@@ -11,7 +11,8 @@ import importlib
 
 __all__ = [
     "serve", "KVStoreServer", "ServerConfig", "BackgroundServer", "default_disk_dir",
-    "KVStoreClient", "AsyncKVStoreClient", "ClientOptions", "ExistsResult", "LookupResult", "KVStoreError", "ChecksumError",
+    "KVStoreClient", "AsyncKVStoreClient", "ClientOptions", "ExistsResult", "LookupResult", "KVStoreError",
+    "ChecksumError",
     "chunk_keys", "chunk_key", "validate_key", "KeyValidationError", "Limits",
 ]
 
@@ -19,7 +20,8 @@ _WHERE = {
     "serve": "server", "KVStoreServer": "server", "ServerConfig": "server", "BackgroundServer": "server",
     "default_disk_dir": "server",
     "KVStoreClient": "client", "AsyncKVStoreClient": "aio_client", "ClientOptions": "client_common",
-    "ExistsResult": "client_common", "LookupResult": "client_common", "KVStoreError": "client_common", "ChecksumError": "client_common",
+    "ExistsResult": "client_common", "LookupResult": "client_common", "KVStoreError": "client_common",
+    "ChecksumError": "client_common",
     "chunk_keys": "keys", "chunk_key": "keys", "validate_key": "keys", "KeyValidationError": "keys",
     "Limits": "limits",
 }
