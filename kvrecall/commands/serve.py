@@ -24,9 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--disk-dir", default=None,
                    help="disk tier directory (default $XDG_CACHE_HOME/kvrecall/store or ~/.cache/kvrecall/store)")
     p.add_argument("--disk-bytes", default="10GiB", help="disk tier budget (default 10GiB; 0 disables the tier)")
+    p.add_argument("--require-disk", action="store_true",
+                   help="fail a Put the disk tier cannot store (disk full, failing) instead of acknowledging it RAM-only")
+    p.add_argument("--disk-write-behind", action="store_true",
+                   help="acknowledge Puts from RAM and write the disk behind (a crash loses what is not written yet)")
     p.add_argument("--no-fsync", action="store_true",
                    help="skip fsync on disk writes (faster; a power loss may lose recent Puts, never tear them)")
-    p.add_argument("--redis-url", default=None, help="shared Redis tier, e.g. redis://127.0.0.1:6379/0")
+    p.add_argument("--redis-url", default=None,
+                   help="shared Redis tier, e.g. redis://127.0.0.1:6379/0; also env:NAME or file:PATH so a password "
+                        "stays off the command line (default: $KVRECALL_REDIS_URL when set)")
+    p.add_argument("--redis-url-file", default=None, help="file holding the Redis URL (the password stays out of ps)")
     p.add_argument("--redis-cluster", action="store_true",
                    help="--redis-url names a node of a Redis Cluster (keys are hash-tagged per object)")
     p.add_argument("--redis-part-bytes", default="8MiB", help="largest Redis value; bigger objects are split")
@@ -37,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
     p.add_argument("--max-object-bytes", default="1GiB", help="largest object a Put may store (default 1GiB)")
-    p.add_argument("--max-key-bytes", type=int, default=1024, help="longest key (default 1024)")
+    p.add_argument("--max-key-bytes", type=int, default=1024, help="longest key (default 1024, at most 65535)")
+    p.add_argument("--put-idle-timeout", type=float, default=30.0,
+                   help="seconds a Put stream may stay silent before it is ended (default 30)")
     p.add_argument("--max-message-bytes", default="4MiB",
                    help="largest gRPC message (default 4MiB); clients' chunk size must fit in it")
     p.add_argument("--chunk-bytes", default="1MiB", help="default Get chunk size (default 1MiB)")
@@ -52,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace):
     """Turn parsed arguments into a :class:`~kvrecall.kvstore.server.ServerConfig` (raises ConfigError/ValueError)."""
+    import os
+
     from kvrecall.config import parse_bytes
     from kvrecall.kvstore.auth import load_token
     from kvrecall.kvstore.limits import Limits
@@ -63,7 +74,11 @@ def build_config(args: argparse.Namespace):
         max_message_bytes=parse_bytes(args.max_message_bytes),
         chunk_bytes=parse_bytes(args.chunk_bytes),
         max_inflight_put_bytes=parse_bytes(args.max_inflight_bytes),
+        put_idle_timeout_s=args.put_idle_timeout,
     )
+    redis_url = args.redis_url
+    if redis_url is None and args.redis_url_file is None:
+        redis_url = os.environ.get("KVRECALL_REDIS_URL") or None
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -71,7 +86,10 @@ def build_config(args: argparse.Namespace):
         disk_dir=args.disk_dir if args.disk_dir is not None else default_disk_dir(),
         disk_bytes=parse_bytes(args.disk_bytes),
         disk_fsync=not args.no_fsync,
-        redis_url=args.redis_url,
+        redis_url=redis_url,
+        redis_url_file=args.redis_url_file,
+        require_disk=args.require_disk,
+        disk_write_behind=args.disk_write_behind,
         redis_cluster=args.redis_cluster,
         redis_part_bytes=parse_bytes(args.redis_part_bytes),
         limits=limits,
