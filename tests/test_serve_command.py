@@ -14,7 +14,7 @@ def test_redis_url_from_a_file_or_the_environment(tmp_path, monkeypatch):
     secret = tmp_path / "redis-url"
     secret.write_text("redis://:hunter2@127.0.0.1:6399/0\n")
     cfg = _config(["--redis-url-file", str(secret)])
-    assert cfg.redis_url_file == str(secret) and cfg.redis_url is None
+    assert cfg.redis_url == "redis://:hunter2@127.0.0.1:6399/0"
     assert "hunter2" not in repr(cfg)
     monkeypatch.setenv("KVRECALL_REDIS_URL", "redis://:hunter3@127.0.0.1:6399/0")
     cfg = _config([])
@@ -23,8 +23,9 @@ def test_redis_url_from_a_file_or_the_environment(tmp_path, monkeypatch):
 
 
 def test_durability_and_idle_options_reach_the_server(tmp_path):
-    cfg = _config(["--require-disk", "--disk-write-behind", "--put-idle-timeout", "2.5", "--disk-dir", str(tmp_path)])
-    assert cfg.require_disk and cfg.disk_write_behind
+    cfg = _config(["--require-disk", "--put-idle-timeout", "2.5", "--disk-dir", str(tmp_path)])
+    assert cfg.require_disk and not cfg.disk_write_behind
+    assert _config(["--disk-write-behind", "--disk-dir", str(tmp_path)]).disk_write_behind
     assert cfg.limits.put_idle_timeout_s == 2.5 and str(cfg.disk_dir) == str(tmp_path)
     default = _config([])
     assert not default.require_disk and default.disk_dir is not None  # the command keeps its disk tier
