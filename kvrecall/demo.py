@@ -1,12 +1,16 @@
-"""The main job (``kvrecall demo``): a real model's real KV through the whole loading path, end to end.
+"""The main job (``kvrecall demo``): one long context, stored once, answered three ways.
 
-1. Calibrate a codec profile on calibration texts (or load one).
-2. Prefill a context from a held-out text; store its chunks, compressed, in a kvstore server on loopback.
-3. A "new request" with the same prefix: one Exists call finds the cached prefix, the chunks stream back and
-   decode; the model continues from the loaded KV. Compare with recomputing the prefill: next-token KL, top-1
-   agreement, perplexity, bytes, and time.
-4. Retrieval decoding (when a retriever profile can be calibrated): a longer context, every layer attending only
-   to the top-k + sink + recent tokens picked from vector-quantized key codes; KL against dense attention.
+An embedded kvstore server runs on loopback with a temporary directory. A long book text gets a five-digit passcode
+planted in its middle (:mod:`kvrecall.passcode`), and the model is asked for it:
+
+1. **request 1** prefills the prompt, stores its KV chunks (compressed) and answers;
+2. **request 2**, as another process would (a new client and a new :class:`~kvrecall.context_cache.ContextCache`,
+   nothing shared in memory but the store), loads the chunks and answers;
+3. **request 3** loads the same chunks into a :class:`~kvrecall.retrieval_cache.RetrievalCache` (top 3% + sinks +
+   window per decode step) and answers.
+
+One table: bytes stored vs fp16, time to first token of loading vs recompute, the three answers and whether they
+are right, resident bytes, and next-token KL of requests 2 and 3 against request 1.
 """
 
 from __future__ import annotations
@@ -18,162 +22,181 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DemoConfig", "run_demo"]
+from kvrecall import defaults
+
+__all__ = ["DemoConfig", "DemoError", "run_demo"]
+
+
+class DemoError(ValueError):
+    """The demo cannot run with the given model or texts."""
 
 
 @dataclass
 class DemoConfig:
-    model: Path
-    texts: Path
-    tokens: int = 384
-    chunk_tokens: int = 128
-    continuation: int = 64
-    level: str = "medium"
-    profile: Path | None = None
-    calib_texts: int = 6
-    calib_tokens: int = 512
-    retrieval_tokens: int = 2048
-    retrieval_budget: float = 0.03
-    retrieval_positions: int = 16
+    """Settings of :func:`run_demo` (the CLI's flags)."""
+
+    model: str | Path = "smollm2-135m"
+    texts: Path = Path("../shared/data/texts")
+    context_tokens: int = 2048
+    depth: float = 0.5
+    passcode: str = "48213"
+    level: str = defaults.CODEC_LEVEL
+    chunk_tokens: int = defaults.CHUNK_TOKENS
+    budget: float = defaults.RETRIEVAL_BUDGET
+    calib_tokens: int = 1024
+    retriever_bits: int = 8
+    progress: bool = True
     seed: int = 0
 
 
-def _kl_top1_ppl(ref_logits: torch.Tensor, got_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Mean KL(ref || got) over positions, top-1 agreement, and both perplexities on ``targets``."""
-    ref = torch.log_softmax(ref_logits.float(), -1)
-    got = torch.log_softmax(got_logits.float(), -1)
-    kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
-    top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
-    nll_ref = -ref[:-1].gather(-1, targets[1:, None]).mean().item()
-    nll_got = -got[:-1].gather(-1, targets[1:, None]).mean().item()
-    return {"kl": kl, "top1": top1, "ppl_ref": float(torch.tensor(nll_ref).exp()), "ppl": float(torch.tensor(nll_got).exp())}
+class _FirstTokenClock:
+    """A logits processor that records when ``generate`` has the first new token's logits (TTFT) and keeps them."""
+
+    def __init__(self) -> None:
+        self.t_first: float | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+            self.logits = scores[0].detach().float().clone()
+        return scores
 
 
-def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
-    width = max(len(k) for k, _ in rows)
-    print(f"\n== {title}")
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
+def _answer(model, tok, ids: torch.Tensor, cache, max_new: int, t0: float):
+    """Greedy answer from ``cache``; returns ``(text, ttft_s, first_logits)`` with TTFT measured from ``t0``."""
+    from transformers import LogitsProcessorList
+
+    from kvrecall.models import cache_kwargs
+
+    clock = _FirstTokenClock()
+    kwargs = cache_kwargs(model, cache) if cache is not None else {}
+    gc = model.generation_config
+    pad = gc.pad_token_id if gc.pad_token_id is not None else (gc.eos_token_id[0] if isinstance(
+        gc.eos_token_id, (list, tuple)) else gc.eos_token_id)
+    with torch.no_grad():
+        out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=max_new,
+                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                             logits_processor=LogitsProcessorList([clock]), **kwargs)
+    text = tok.decode(out[0, ids.numel():], skip_special_tokens=True).strip()
+    return text, clock.t_first - t0, clock.logits
 
 
-def _codec_and_store(cfg: DemoConfig, model, tok, texts, model_id: str) -> dict:
-    from kvrecall.context_cache import ContextCache
-    from kvrecall.encoder import CodecProfile
-    from kvrecall.kvstore import BackgroundServer, KVStoreClient, ServerConfig
-    from kvrecall.models import capture_qkv, logits_with_context_kv, tokenize
-
-    eval_name, eval_text = texts[0]
-    calib = texts[1 : 1 + cfg.calib_texts]
-    t0 = time.perf_counter()
-    if cfg.profile is not None:
-        profile = CodecProfile.load(cfg.profile)
-        how = f"loaded {cfg.profile}"
-    else:
-        captured = [capture_qkv(model, tokenize(tok, text, cfg.calib_tokens)) for _, text in calib]
-        profile = CodecProfile.calibrate([c.kv() for c in captured], model_id,
-                                         query_samples=[c.q for c in captured])
-        how = f"calibrated on {len(calib)} texts x {cfg.calib_tokens} tokens with their queries"
-    calib_s = time.perf_counter() - t0
-
-    ids = tokenize(tok, eval_text, cfg.tokens + cfg.continuation)
-    if ids.numel() < cfg.tokens + cfg.continuation:
-        raise ValueError(f"{eval_name} has only {ids.numel()} tokens; lower --tokens")
-    ctx, cont = ids[: cfg.tokens], ids[cfg.tokens :]
-
-    t0 = time.perf_counter()
-    kv = capture_qkv(model, ctx).kv()
-    prefill_s = time.perf_counter() - t0
-    ref_logits = model(ids[None]).logits[0, cfg.tokens :].float()
-
-    with tempfile.TemporaryDirectory(prefix="kvrecall-demo-") as disk, BackgroundServer(
-        ServerConfig(host="127.0.0.1", port=0, disk_dir=disk, ram_bytes=256 << 20, disk_bytes=1 << 30)
-    ) as server, KVStoreClient(server.target) as client:
-        cache = ContextCache(client, model_id, profile, cfg.level, cfg.chunk_tokens)
-        stored = cache.store(None, ctx, kv=kv)
-        # A new request shares the prefix and asks for more: load what is cached, prefill only the rest.
-        loaded = cache.load(ids)
-        stats = client.stats()
-    got_logits = logits_with_context_kv(model, loaded.kv, ids[loaded.tokens :])[cfg.tokens - loaded.tokens :]
-    quality = _kl_top1_ppl(ref_logits, got_logits, cont)
-    elements = kv[:, :, :, : loaded.tokens].numel()
-    load_s = sum(loaded.timings.values())
-    rows = [
-        ("model", f"{cfg.model} (id {model_id})"),
-        ("codec profile", f"{profile.profile_id} ({how}, {calib_s:.1f} s)"),
-        ("context", f"{eval_name}: {cfg.tokens} tokens, continuation {cfg.continuation} tokens"),
-        ("chunks stored", f"{stored.stored} of {stored.chunks} x {cache.chunk_tokens} tokens, level {cfg.level!r}"),
-        ("cached prefix found", f"{loaded.tokens} tokens with one Exists call"),
-        ("bytes", f"{loaded.bytes_read:,} compressed vs {elements * 2:,} fp16 "
-                  f"({elements * 2 / max(loaded.bytes_read, 1):.1f}x smaller)"),
-        ("bits per KV element", f"{8 * loaded.bytes_read / elements:.2f}"),
-        ("KV relative error", f"{((loaded.kv - kv[:, :, :, :loaded.tokens]).norm() / kv[:, :, :, :loaded.tokens].norm()).item():.4f}"),
-        ("next-token KL vs recompute", f"{quality['kl']:.5f} nats (top-1 agreement {quality['top1']:.1%})"),
-        ("perplexity", f"{quality['ppl']:.3f} from loaded KV vs {quality['ppl_ref']:.3f} recomputed"),
-        ("load time", "  ".join(f"{k} {1e3 * v:.1f} ms" for k, v in loaded.timings.items())),
-        ("prefill time (recompute)", f"{1e3 * prefill_s:.1f} ms; loading took {load_s / prefill_s:.2f}x of that "
-                                     "(loopback store, CPU decode, one run)"),
-        ("store tiers", ", ".join(f"{t.name}: {t.objects} objects {t.bytes:,} B" for t in stats.tiers)),
-    ]
-    _print_table("context loading: prefill -> encode -> kvstore -> Exists/Get -> decode -> continue", rows)
-    return {"kl": quality["kl"], "top1": quality["top1"], "bits_per_element": 8 * loaded.bytes_read / elements,
-            "tokens_loaded": loaded.tokens}
+def _kl(ref: torch.Tensor, got: torch.Tensor) -> float:
+    r, g = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+    return float((r.exp() * (r - g)).sum())
 
 
-def _retrieval(cfg: DemoConfig, model, tok, texts, model_id: str) -> dict:
-    from kvrecall.models import capture_qkv, long_token_ids, logits_with_context_kv, model_info
-    from kvrecall.retriever import calibrate, sparse_decode_logits
-    from kvrecall.retriever.methods import IndexMethod, OracleMethod, StreamingMethod
-    from kvrecall.models import rope_parameters
+def _bar(cfg: DemoConfig, total: int, desc: str):
+    from tqdm import tqdm
 
-    n_calib = 40960  # >= 39 training points per centroid for FAISS k-means (1,024 centroids)
-    calib_ids = long_token_ids(tok, texts[::-1], n_calib)  # disjoint from the evaluation text's start
-    ids = long_token_ids(tok, texts, cfg.retrieval_tokens)
-    t0 = time.perf_counter()
-    # "positional" scoring: pre-RoPE VQ codes scored at their true positions (docs/retriever.md explains why the
-    # A²ATS windowed approximation loses on these models).
-    profile = calibrate(model, calib_ids, model_id=model_id, kind="vq", bits=10, rope_mode="positional",
-                        progress=False)
-    calib_s = time.perf_counter() - t0
-    n = cfg.retrieval_positions
-    ctx, cont = ids[:-n], ids[-n:]
-    kv = capture_qkv(model, ctx).kv()
-    dense = logits_with_context_kv(model, kv, cont)
-    inv_freq, scaling = rope_parameters(model)
-    info = model_info(model)
-    rows = [
-        ("retriever profile", f"query-aware VQ, {profile.bits_per_key} bits/key, calibrated on {n_calib:,} tokens "
-                              f"({calib_s:.1f} s)"),
-        ("context", f"{ctx.numel():,} tokens; {n} positions decoded teacher-forced, every layer sparse"),
-        ("budget", f"{cfg.retrieval_budget:.0%} top-k + 8 sinks + 64 recent tokens per KV head"),
-    ]
-    out = {}
-    methods = {
-        "query-aware VQ": IndexMethod(profile),
-        "oracle top-k": OracleMethod(inv_freq, scaling, info.group_size, info.head_dim),
-        "StreamingLLM": StreamingMethod(info.group_size),
-    }
-    for name, method in methods.items():
-        t0 = time.perf_counter()
-        got = sparse_decode_logits(model, kv, cont, method, cfg.retrieval_budget)
-        q = _kl_top1_ppl(dense, got, cont)
-        out[name] = q
-        rows.append((f"KL vs dense ({name})", f"{q['kl']:.5f} nats, top-1 agreement {q['top1']:.1%} "
-                                              f"({time.perf_counter() - t0:.1f} s)"))
-    _print_table("retrieval decoding: key codes -> top-k + sinks + window -> sparse attention", rows)
-    return out
+    return tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run the demo and print its tables; returns the headline figures."""
-    from kvrecall.models import load_model, model_fingerprint, read_texts
+    """Run the three requests and print the table; returns the figures as a dict."""
+    from kvrecall.context_cache import ContextCache
+    from kvrecall.encoder import CodecProfile
+    from kvrecall.kvstore import BackgroundServer, KVStoreClient, ServerConfig
+    from kvrecall.models import capture_qkv, kv_to_cache, load_model, long_token_ids, model_fingerprint, read_texts
+    from kvrecall.passcode import ANSWER_TOKENS, make_case
+    from kvrecall.retriever import calibrate
 
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(cfg.model)
-    model_id = model_fingerprint(cfg.model)
-    texts = read_texts(cfg.texts, min_chars=20_000)
-    if len(texts) < 2:
-        raise ValueError(f"need at least two texts of 20,000+ characters under {cfg.texts}")
-    out = {"codec": _codec_and_store(cfg, model, tok, texts, model_id)}
-    if cfg.retrieval_tokens > 0:
-        out["retrieval"] = _retrieval(cfg, model, tok, texts, model_id)
+    with _bar(cfg, 4, "setup: model, codec profile, retriever profile, prompt") as bar:
+        t0 = time.perf_counter()
+        model, tok = load_model(cfg.model)
+        model_id = model_fingerprint(cfg.model)
+        load_s = time.perf_counter() - t0
+        bar.update()
+        texts = read_texts(cfg.texts, min_chars=20_000)
+        if len(texts) < 2:
+            raise DemoError(f"need at least two texts of 20,000+ characters under {cfg.texts}")
+        # The context comes from the longest text; the profiles are calibrated on the others.
+        texts.sort(key=lambda t: len(t[1]), reverse=True)
+        (name, text), others = texts[0], texts[1:]
+        calib = capture_qkv(model, long_token_ids(tok, others, cfg.calib_tokens))
+        codec = CodecProfile.calibrate([calib.kv()], model_id, query_samples=[calib.q])
+        bar.update()
+        retr_ids = long_token_ids(tok, others[::-1], max(cfg.calib_tokens, min(40 << cfg.retriever_bits, 4096)))
+        retriever = calibrate(model, retr_ids, model_id=model_id, bits=cfg.retriever_bits, niter=5,
+                              chunk=min(cfg.calib_tokens, 1024), progress=False)
+        bar.update()
+        case = make_case(tok, text, cfg.context_tokens, cfg.depth, cfg.passcode, name, offset_chars=len(text) // 3)
+        ids = case.input_ids
+        bar.update()
+    out: dict = {"model": str(cfg.model), "model_load_s": load_s, "context": name, "prompt_tokens": ids.numel(),
+                 "passcode": case.passcode}
+    with tempfile.TemporaryDirectory(prefix="kvrecall-demo-") as disk, BackgroundServer(
+        ServerConfig(host="127.0.0.1", port=0, disk_dir=disk, ram_bytes=512 << 20, disk_bytes=2 << 30)
+    ) as server:
+        with _bar(cfg, 3, "requests") as bar:
+            # Request 1: prefill, store, answer.
+            with KVStoreClient(server.target) as c1:
+                cc1 = ContextCache(c1, model_id, codec, cfg.level, cfg.chunk_tokens)
+                t0 = time.perf_counter()
+                kv = capture_qkv(model, ids).kv()
+                prefill_s = time.perf_counter() - t0
+                a1, ttft1, logits1 = _answer(model, tok, ids, kv_to_cache(model, kv[:, :, :, :-1]), ANSWER_TOKENS,
+                                             t0)
+                stored = cc1.store(None, ids, kv=kv)
+            bar.update()
+            # Request 2: a new client and cache object, nothing shared in memory but the store.
+            with KVStoreClient(server.target) as c2:
+                cc2 = ContextCache(c2, model_id, codec, cfg.level, cfg.chunk_tokens)
+                t0 = time.perf_counter()
+                cache, _ = cc2.prefill_cache(model, ids)
+                a2, ttft2, logits2 = _answer(model, tok, ids, cache, ANSWER_TOKENS, t0)
+                report2 = cc2.last_report
+                dense_bytes = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 2
+            bar.update()
+            # Request 3: the same chunks into a RetrievalCache.
+            with KVStoreClient(server.target) as c3:
+                cc3 = ContextCache(c3, model_id, codec, cfg.level, cfg.chunk_tokens)
+                t0 = time.perf_counter()
+                rcache = cc3.load_retrieval_cache(model, ids, retriever, budget=cfg.budget)
+                try:
+                    a3, ttft3, logits3 = _answer(model, tok, ids, rcache, ANSWER_TOKENS, t0)
+                    stats = rcache.stats()
+                finally:
+                    rcache.restore_attention()
+            bar.update()
+    fp16_bytes = kv.numel() * 2
+    right = [case.is_correct(a) for a in (a1, a2, a3)]
+    out.update({
+        "bytes_stored": stored.bytes_written, "fp16_bytes": fp16_bytes, "chunks": stored.chunks,
+        "level": cfg.level, "ttft_recompute_s": ttft1, "ttft_load_s": ttft2, "ttft_retrieval_s": ttft3,
+        "prefill_s": prefill_s, "load_breakdown": dict(report2.timings), "tokens_loaded": report2.tokens,
+        "answers": {"recompute": a1, "loaded": a2, "retrieval": a3},
+        "correct": {"recompute": right[0], "loaded": right[1], "retrieval": right[2]},
+        "kl_loaded": _kl(logits1, logits2), "kl_retrieval": _kl(logits1, logits3),
+        "resident_bytes": {"dense_fp16": dense_bytes, "retrieval": int(stats.get("resident_bytes", 0))},
+    })
+    _print_table(out, cfg)
     return out
+
+
+def _print_table(r: dict, cfg: DemoConfig) -> None:
+    mark = {True: "right", False: "wrong"}
+    rows = [
+        ("model", f"{r['model']} (loaded in {r['model_load_s']:.1f} s)"),
+        ("context", f"{r['context']}: {r['prompt_tokens']} prompt tokens, passcode {r['passcode']} planted at "
+                    f"depth {cfg.depth:.0%}"),
+        ("bytes stored vs fp16", f"{r['bytes_stored']:,} B at level {r['level']!r} vs {r['fp16_bytes']:,} B fp16 "
+                                 f"({r['fp16_bytes'] / max(r['bytes_stored'], 1):.1f}x smaller, {r['chunks']} chunks)"),
+        ("TTFT recompute (req 1)", f"{r['ttft_recompute_s']:.2f} s"),
+        ("TTFT load (req 2)", f"{r['ttft_load_s']:.2f} s ({r['ttft_recompute_s'] / r['ttft_load_s']:.1f}x faster; "
+                              + ", ".join(f"{k[:-2]} {1e3 * v:.0f} ms" for k, v in r["load_breakdown"].items())
+                              + f"; {r['tokens_loaded']} tokens loaded)"),
+        ("TTFT retrieval (req 3)", f"{r['ttft_retrieval_s']:.2f} s"),
+        ("answer 1 (recompute)", f"{r['answers']['recompute']!r} -> {mark[r['correct']['recompute']]}"),
+        ("answer 2 (loaded)", f"{r['answers']['loaded']!r} -> {mark[r['correct']['loaded']]}"),
+        ("answer 3 (retrieval 3%)", f"{r['answers']['retrieval']!r} -> {mark[r['correct']['retrieval']]}"),
+        ("resident bytes", f"dense fp16 cache {r['resident_bytes']['dense_fp16']:,} B; RetrievalCache "
+                           f"{r['resident_bytes']['retrieval']:,} B"),
+        ("next-token KL vs req 1", f"loaded {r['kl_loaded']:.5f} nats, retrieval {r['kl_retrieval']:.5f} nats"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n== kvrecall demo: store once, answer three ways")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")

@@ -1,4 +1,4 @@
-"""``kvrecall demo``: the main job, end to end on a real model and real texts."""
+"""``kvrecall demo``: the main job: store a long context once, answer from it three ways."""
 
 from __future__ import annotations
 
@@ -6,41 +6,49 @@ import argparse
 import json
 from pathlib import Path
 
+from kvrecall import defaults
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="end-to-end demo: encode a real context's KV, store it in kvstore, load it back, retrieve top-k",
+        help="main job: plant a passcode in a long text, prefill+store, load in a new client, load into retrieval",
         description=(
-            "Run the whole pipeline on a real model: calibrate a codec profile, prefill a held-out text, store its KV "
-            "chunks compressed in a kvstore server on loopback, load the cached prefix back for a new request and "
-            "continue from it (KL, top-1 agreement and perplexity against recompute), then decode a longer context "
-            "with retrieval attention over vector-quantized key codes (KL against dense attention)."
+            "Start a kvstore server on loopback with a temporary directory, plant a five-digit passcode in a long "
+            "text and ask the model for it: request 1 prefills, stores the KV chunks compressed and answers; "
+            "request 2 (a new client, as another process would) loads the chunks and answers; request 3 loads the "
+            "same chunks into a RetrievalCache (top-k per decode step) and answers. Prints one table."
         ),
     )
-    p.add_argument("--model", type=Path, required=True, help="Hugging Face model folder (Llama family)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="model folder or name (default smollm2-135m, converted once on first use)")
+    p.add_argument("--fast", action="store_true",
+                   help="a fast run on stories260K (found at TEXTS/../../models/stories260K unless --model is a "
+                        "folder): 400-token context; the tiny model will not find the passcode")
     p.add_argument("--texts", type=Path, required=True, help="folder of .txt files (searched recursively)")
-    p.add_argument("--tokens", type=int, default=384,
-                   help="context tokens to store and load (default 384; context + continuation should stay within "
-                        "the model's trained length)")
-    p.add_argument("--chunk-tokens", type=int, default=128, help="tokens per stored chunk (default 128)")
-    p.add_argument("--continuation", type=int, default=64, help="tokens scored after the context (default 64)")
-    p.add_argument("--level", default="medium", help="codec level (see kvrecall.encoder.LEVELS)")
-    p.add_argument("--profile", type=Path, help="codec profile file (default: calibrate one on other texts)")
-    p.add_argument("--retrieval-tokens", type=int, default=2048,
-                   help="context length of the retrieval part; 0 skips it (default 2048)")
-    p.add_argument("--retrieval-budget", type=float, default=0.03, help="fraction of tokens to select (default 0.03)")
-    p.add_argument("--json", type=Path, help="also write the headline figures as JSON")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="context tokens before the question (default 2048; 400 with --fast)")
+    p.add_argument("--level", default=defaults.CODEC_LEVEL,
+                   help=f"stored level: codec level, fp16, exact or auto (default {defaults.CODEC_LEVEL})")
+    p.add_argument("--chunk-tokens", type=int, default=defaults.CHUNK_TOKENS)
+    p.add_argument("--budget", type=float, default=defaults.RETRIEVAL_BUDGET,
+                   help="retrieval budget of request 3 (default 0.03)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", type=Path, help="also write the figures as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from kvrecall.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(
-        model=args.model, texts=args.texts, tokens=args.tokens, chunk_tokens=args.chunk_tokens, continuation=args.continuation, level=args.level,
-        profile=args.profile, retrieval_tokens=args.retrieval_tokens, retrieval_budget=args.retrieval_budget,
-    )
+    model, tokens, calib = args.model, args.tokens or 2048, 1024
+    if args.fast:
+        if not Path(str(model)).is_dir():
+            model = args.texts.resolve().parent.parent / "models" / "stories260K"
+        tokens, calib = args.tokens or 400, 512
+    cfg = DemoConfig(model=model, texts=args.texts, context_tokens=tokens, level=args.level,
+                     chunk_tokens=args.chunk_tokens, budget=args.budget, calib_tokens=calib,
+                     retriever_bits=6 if args.fast else 8, progress=not args.no_progress)
     result = run_demo(cfg)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
