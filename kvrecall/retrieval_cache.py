@@ -457,6 +457,7 @@ class RetrievalCache(Cache):
         self.scorer = CodeScorer(profile, scorer, near=near, band_ratio=band_ratio, device=self.index_device)
         self._key_t = profile.key_transform.to(self.index_device)
         self._books = profile.codebooks.to(self.index_device)
+        self._book_norms = (self._books[:, :, 0] ** 2).sum(-1)  # [L, Hkv, K] (vq)
         self.timings: dict[str, float] = defaultdict(float)
         self.selected_sum, self.selected_steps = 0.0, 0
         super().__init__(layers=[RetrievalLayer(self, i) for i in range(self.info.num_layers)])
@@ -511,7 +512,19 @@ class RetrievalCache(Cache):
         """Codes ``[B, Hkv, n, m]`` of pre-RoPE keys ``[B, Hkv, n, D]`` (query-aware transform, nearest centroid)."""
         k = keys_pre.to(self.index_device).float()
         kt = torch.einsum("bhnd,hde->bhne", k, self._key_t[layer])
-        return torch.stack([encode(kt[:, h], self._books[layer, h]) for h in range(kt.shape[1])], dim=1)
+        if self._books.shape[2] != 1:  # product codes: per sub-vector nearest centroid
+            return torch.stack([encode(kt[:, h], self._books[layer, h]) for h in range(kt.shape[1])], dim=1)
+        books = self._books[layer, :, 0]  # [Hkv, K, D]
+        norms = self._book_norms[layer]  # [Hkv, K]
+        b, h, n, _ = kt.shape
+        out = torch.empty(b, h, n, 1, dtype=code_dtype(self.profile.settings.bits), device=kt.device)
+        step = 2048
+        for bi in range(b):
+            for s in range(0, n, step):
+                part = kt[bi, :, s : s + step]  # [Hkv, c, D]
+                dist = norms[:, None, :] - 2 * torch.bmm(part, books.transpose(1, 2))
+                out[bi, :, s : s + step, 0] = dist.argmin(-1).to(out.dtype)
+        return out
 
     def _time(self, stage: str, start: float) -> None:
         self.timings[stage] += time.perf_counter() - start
