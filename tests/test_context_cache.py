@@ -210,3 +210,21 @@ def test_bad_arguments(client, prompt):
         cc.load(ids[None].repeat(2, 1))
     with pytest.raises(ContextCacheError):
         cc.load(ids.float())
+
+
+def test_raw_chunks_round_trip_and_reject_damage():
+    from kvrecall.loading_raw import RawChunkError, decode_raw, encode_raw, is_raw
+
+    x = torch.randn(2, 2, 3, 5, 8)
+    exact = encode_raw(x, "exact")
+    assert is_raw(exact) and torch.equal(decode_raw(exact), x)
+    half = decode_raw(bytearray(encode_raw(x, "fp16")))
+    assert half.dtype == torch.float16 and torch.equal(half, x.half())
+    assert decode_raw(encode_raw(x.bfloat16(), "exact"), dtype=torch.float32).dtype == torch.float32
+    for bad in (exact[:-4], b"KVRAW\x01" + exact[6:7] + b"\x00" * 3, b"nope" * 10):
+        with pytest.raises(RawChunkError):
+            decode_raw(bad)
+    with pytest.raises(RawChunkError):
+        encode_raw(x, "int3")
+    with pytest.raises(RawChunkError):
+        encode_raw(x[0], "fp16")

@@ -71,3 +71,21 @@ def test_quality_bound_and_plan_chunks_follow_the_bandwidth_estimate():
 def test_bad_inputs_raise(make):
     with pytest.raises(ControllerError):
         make()
+
+
+def test_throughput_meter_starts_at_priors_and_follows_measurements():
+    from kvrecall.loading_meter import ThroughputMeter
+
+    m = ThroughputMeter(bandwidth_Bps=1e9, prefill_tokens_per_s=100.0, decode_Bps=2e8, alpha=0.5)
+    assert m.decode_Bps("medium") == 2e8 and m.decode_Bps("fp16", prior=5e9) == 5e9
+    m.observe_decode("medium", 4_000_000, 0.01)  # the first sample replaces the prior
+    assert m.decode_Bps("medium") == pytest.approx(4e8)
+    m.observe_decode("medium", 2_000_000, 0.01)
+    assert m.decode_Bps("medium") == pytest.approx(3e8)
+    m.observe_prefill(1000, 2.0)
+    assert m.prefill.value == pytest.approx(500.0)
+    m.observe_transfer(1_000_000, 0.01)
+    assert m.bandwidth_Bps == pytest.approx(0.5 * 1e8 + 0.5 * 1e9)
+    assert set(m.snapshot()) == {"bandwidth_Bps", "prefill_tokens_per_s", "decode_Bps[medium]"}
+    with pytest.raises(ControllerError):
+        m.prefill.observe(1, 0)
