@@ -301,6 +301,9 @@ class RetrievalLayer(CacheLayerMixin):
         chosen = self._choose(q_pre.to(o.index_device), lo, n_off, k, pos)
         t1 = time.perf_counter()
         o.timings["score"] += t1 - t0
+        if o.probe is not None:  # measurement hook (bench): sees the step's query and selection
+            o.probe(self, q_pre, chosen, lo, n_off, k, pos)
+            t1 = time.perf_counter()
         # ---- gather only the selected rows
         counts = [[len(c) for c in row] for row in chosen]
         s_max = max(max(r) for r in counts) if n_off > lo else 0
@@ -452,6 +455,7 @@ class RetrievalCache(Cache):
         self.budget, self.sinks, self.window = budget, sinks, window
         self.prefill_chunk, self.offload, self.backend = prefill_chunk, offload, backend
         self.selector = selector
+        self.probe = None
         self.offset = 0
         self.index_device = next(model.parameters()).device
         self.scorer = CodeScorer(profile, scorer, near=near, band_ratio=band_ratio, device=self.index_device)

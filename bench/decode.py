@@ -1,0 +1,419 @@
+"""Retrieval decoding in model.generate: speed, memory and quality against dense decoding, side by side.
+
+    python bench/decode.py --quick --json bench/results/decode-quick.json          # < 60 s (stories260K)
+    python bench/decode.py --profile P.safetensors --json bench/results/decode-smollm2.json   # SmolLM2-135M
+
+Per context length, in one run and one runtime (``RetrievalCache``; baselines are selectors in the same cache):
+dense (``DynamicCache``, sdpa) vs ours (code scoring) at each budget, oracle top-k, StreamingLLM and Quest at
+3%. Reported: decode tokens/s and the per-step breakdown (score, select, gather, attend, rest of the model),
+resident and offloaded bytes per sequence (codebooks apart), and against dense: next-token KL teacher-forced over
+the last positions, attention mass of the selection (and its ratio to the oracle's), greedy agreement over the
+generated tokens, passcode accuracy (a five-digit number planted at depths 10-90% of a book excerpt, asked
+through the chat template). Quality contexts use real prefills; speed-only contexts (past the model's training
+length) tile the real KV of the longest quality context (speed and memory do not depend on the values).
+A separate table times scoring + selection per layer per step for each scorer at the speed contexts on one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def model_spec(name: str):
+    from kvrecall.models import MODEL_NAMES
+
+    return name if name in MODEL_NAMES else SHARED / "models" / name
+
+
+# ------------------------------------------------------------------------------------------- runtime helpers
+def make_cache(model, profile, method: str, budget, args, kv):
+    """A cache holding ``kv`` (pre-RoPE, batch 1) for ``method``: 'dense' or ours / a baseline selector."""
+    from kvrecall.models import kv_to_cache
+    from kvrecall.retrieval_baselines import SELECTORS
+    from kvrecall.retrieval_cache import RetrievalCache
+
+    if method == "dense":
+        return kv_to_cache(model, kv)
+    scorer = method.split(":", 1)[1] if method.startswith("ours") and ":" in method else args.scorer
+    return RetrievalCache.from_kv(model, profile, kv, budget=budget, sinks=args.sinks, window=args.window,
+                                  offload=args.offload if method.startswith("ours") else "exact",
+                                  scorer=scorer, selector=SELECTORS.get(method))
+
+
+def restore(model, cache):
+    if hasattr(cache, "restore_attention"):
+        cache.restore_attention()
+
+
+@torch.no_grad()
+def teacher_forced(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits ``[n, vocab]`` of feeding ``ids[start:]`` one token per step after a cache of ``start`` tokens."""
+    from kvrecall.models import cache_kwargs
+
+    out = []
+    for i in range(start, ids.numel()):
+        pos = torch.tensor([[i]])
+        res = model(ids[i : i + 1][None], position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
+        out.append(res.logits[0, -1].float())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def greedy(model, cache, prompt: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
+    """Greedy continuation ``[n]`` of ``prompt`` (the cache holds ``prompt[:-1]``) and seconds per token."""
+    from kvrecall.models import cache_kwargs
+
+    t = time.perf_counter()
+    out = model.generate(prompt[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         **cache_kwargs(model, cache))
+    return out[0, prompt.numel():], (time.perf_counter() - t) / n
+
+
+def mass_probe(store: dict):
+    """Probe recording the attention mass of each step's selection and of the oracle's at the same budget."""
+    from kvrecall.retrieval_baselines import true_scores
+    from kvrecall.retriever.fast_scoring import topk_union
+
+    def probe(layer, q_pre, chosen, lo, n_off, k, pos):
+        if n_off <= lo or store.get("skip"):
+            return
+        o = layer.owner
+        scores = true_scores(layer, q_pre, 0, n_off, pos)  # stored tokens
+        win = layer.win_k  # pre-RoPE window incl. the current token
+        from kvrecall.models import apply_rope, rope_tables
+
+        total = layer.length + 1
+        cos, sin = rope_tables(o.inv_freq, torch.arange(total - win.shape[2], total) + o.offset, o.rope_scaling)
+        wk = apply_rope(win.float(), cos, sin)
+        cq, sq = rope_tables(o.inv_freq, torch.tensor([pos]), o.rope_scaling)
+        q = apply_rope(q_pre.float()[:, :, None], cq, sq)[:, :, 0]
+        b, hq, d = q.shape
+        g = o.info.group_size
+        ws = torch.matmul(q.reshape(b, -1, g, d), wk.transpose(2, 3)).reshape(b, hq, -1)
+        probs = torch.softmax(torch.cat([scores, ws], -1) * d ** -0.5, -1)  # [B, Hq, total]
+        orc = topk_union(scores[:, :, lo:], g, k, offset=lo)
+
+        def mass(sel):
+            keep = torch.zeros_like(probs, dtype=torch.bool)
+            keep[:, :, :lo] = True
+            keep[:, :, n_off:] = True
+            for bi, row in enumerate(sel):
+                for h, idx in enumerate(row):
+                    keep[bi, h * g : (h + 1) * g, idx] = True
+            return float((probs * keep).sum(-1).mean())
+
+        store.setdefault("mass", []).append(mass(chosen))
+        store.setdefault("oracle_mass", []).append(mass(orc))
+
+    return probe
+
+
+def kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    lp = torch.log_softmax(dense_logits.double(), -1)
+    lq = torch.log_softmax(logits.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+# ------------------------------------------------------------------------------------------- passcode task
+def passcode_prompt(tok, text_ids: torch.Tensor, n_tokens: int, depth: float, code: str) -> torch.Tensor:
+    """Chat prompt of about ``n_tokens``: a book excerpt with the passcode sentence planted at ``depth``."""
+    needle = f" The secret passcode is {code}. Remember the passcode {code}. "
+    question = "\n\nWhat is the secret passcode in the text above? Answer with the five digits only."
+    overhead = len(tok(needle).input_ids) + len(tok(question).input_ids) + 40
+    body = tok.decode(text_ids[1 : max(16, n_tokens - overhead)])
+    cut = int(len(body) * depth)
+    text = body[:cut] + needle + body[cut:] + question
+    if getattr(tok, "chat_template", None):
+        enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        return enc["input_ids"][0]
+    return torch.tensor(tok(text).input_ids)
+
+
+# ------------------------------------------------------------------------------------------- scoring speed
+def scoring_rows(profile, contexts, budget, reps, threads):
+    """Score + select time per layer per decode step (one layer, batch 1) for each scorer, ``threads`` threads."""
+    from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, topk_union
+    from kvrecall.retriever.selection import resolve_budget
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    s = profile.settings
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    try:
+        for method in SCORERS:
+            scorer = CodeScorer(profile, method)
+            for T in contexts:
+                codes = torch.randint(0, 1 << s.bits, (1, s.num_kv_heads, T, 1), generator=gen).to(torch.int16)
+                q = torch.randn(1, s.num_heads, s.head_dim, generator=gen)
+                k = resolve_budget(budget, T)
+                times = {"score": [], "select": []}
+                for _ in range(reps + 1):
+                    t0 = time.perf_counter()
+                    sc = scorer.scores(0, q, codes, 8, T, T + 63)
+                    t1 = time.perf_counter()
+                    topk_union(sc, s.group_size, k, offset=8)
+                    t2 = time.perf_counter()
+                    times["score"].append(t1 - t0)
+                    times["select"].append(t2 - t1)
+                score = 1e3 * statistics.median(times["score"][1:])
+                select = 1e3 * statistics.median(times["select"][1:])
+                rows.append({"scorer": method, "context": T, "budget": budget, "threads": threads,
+                             "score_ms": score, "select_ms": select, "score_select_ms": score + select})
+    finally:
+        torch.set_num_threads(old)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- main loops
+def quality_for_context(model, tok, profile, args, T, text_ids, eval_ids, methods, budgets, bar):
+    """KL, mass, greedy agreement, tokens/s and bytes for one real context of ``T`` tokens."""
+    from kvrecall.models import capture_qkv
+
+    rows = []
+    n_kl = args.kl_positions
+    ids = eval_ids[:T]
+    qkv = capture_qkv(model, ids)
+    kv_all = qkv.kv()
+    dense_logits = qkv.logits[T - n_kl :]
+    kv_ctx = kv_all[..., : T - n_kl, :]
+    prompt = ids[: T - n_kl + 1]
+    kv_prompt = kv_all[..., : T - n_kl, :]
+    dense_tokens = None
+    for method, budget in [(m, b) for m in methods for b in (budgets if m.startswith("ours") else [args.main_budget])]:
+        if method == "dense" and budget != budgets[0] and method != "dense":
+            continue
+        row = {"context": T, "method": method, "budget": None if method == "dense" else budget}
+        cache = make_cache(model, profile, method, budget, args, kv_ctx)
+        probe: dict = {}
+        if method != "dense" and method != "oracle":
+            cache.probe = mass_probe(probe)
+        logits = teacher_forced(model, cache, ids, T - n_kl)
+        restore(model, cache)
+        row["kl"] = 0.0 if method == "dense" else kl(dense_logits, logits)
+        if probe.get("mass"):
+            row["mass"] = statistics.fmean(probe["mass"])
+            row["oracle_mass"] = statistics.fmean(probe["oracle_mass"])
+            row["mass_ratio"] = row["mass"] / row["oracle_mass"]
+        cache = make_cache(model, profile, method, budget, args, kv_prompt)
+        toks, s_per_tok = greedy(model, cache, prompt, args.new_tokens)
+        restore(model, cache)
+        if method == "dense":
+            dense_tokens = toks
+        row["greedy_agreement"] = float((toks == dense_tokens).float().mean())
+        row["tokens_per_s"] = 1.0 / s_per_tok
+        row.update(memory_and_breakdown(cache, s_per_tok, args.new_tokens))
+        rows.append(row)
+        bar.update(1)
+    return rows
+
+
+def memory_and_breakdown(cache, s_per_tok: float, n_new: int) -> dict:
+    if not hasattr(cache, "stats"):
+        return {"resident_bytes": None, "offloaded_bytes": 0, "step_ms": 1e3 * s_per_tok}
+    st = cache.stats()
+    steps = max(1, st["decode_steps"])
+    per = {f"{k}_ms": v / steps for k, v in st["timings_ms"].items() if k in ("score", "select", "gather", "attend")}
+    step_ms = 1e3 * s_per_tok
+    per["rest_ms"] = step_ms - sum(per.values())
+    return {"resident_bytes": st["resident_bytes"], "offloaded_bytes": st["offloaded_bytes"],
+            "codebook_bytes": st["codebook_bytes"], "dense_fp16_bytes": st["dense_fp16_bytes"],
+            "resident_fraction": st["resident_bytes"] / st["dense_fp16_bytes"], "mean_selected": st["mean_selected"],
+            "step_ms": step_ms, **per}
+
+
+def passcode_rows(model, tok, profile, args, T, book_ids, methods, bar):
+    rng = random.Random(T)
+    results = {m: [] for m in methods}
+    for case in range(args.passcode_cases):
+        depth = 0.1 + 0.8 * case / max(1, args.passcode_cases - 1)
+        code = f"{rng.randrange(10000, 100000)}"
+        start = rng.randrange(0, max(1, book_ids.numel() - T - 1))
+        prompt = passcode_prompt(tok, book_ids[start : start + T + 200], T, depth, code)
+        from kvrecall.models import prefill_kv
+
+        kv = prefill_kv(model, prompt[:-1])
+        for method in methods:
+            cache = make_cache(model, profile, method, args.main_budget, args, kv)
+            toks, _ = greedy(model, cache, prompt, 8)
+            restore(model, cache)
+            answer = tok.decode(toks)
+            results[method].append(code in re.sub(r"\s", "", answer))
+            bar.update(1)
+    return [{"context": T, "method": m, "budget": None if m == "dense" else args.main_budget,
+             "passcode_accuracy": sum(v) / len(v), "passcode_cases": len(v)} for m, v in results.items()]
+
+
+def speed_rows(model, profile, args, T, kv_real, methods, budgets, bar):
+    """Tokens/s and bytes at ``T`` tokens by tiling real KV (values do not change speed)."""
+    reps = -(-T // kv_real.shape[3])
+    kv = kv_real.repeat(1, 1, 1, reps, 1)[..., : T - 1, :]
+    vocab_ids = torch.randint(0, model.config.vocab_size - 1, (T,), generator=torch.Generator().manual_seed(T))
+    rows = []
+    for method, budget in [(m, b) for m in methods for b in (budgets if m.startswith("ours") else [args.main_budget])]:
+        cache = make_cache(model, profile, method, budget, args, kv)
+        _, s_per_tok = greedy(model, cache, vocab_ids, args.speed_tokens)
+        restore(model, cache)
+        rows.append({"context": T, "method": method, "budget": None if method == "dense" else budget,
+                     "tokens_per_s": 1.0 / s_per_tok, "speed_only": True,
+                     **memory_and_breakdown(cache, s_per_tok, args.speed_tokens)})
+        bar.update(1)
+    return rows
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    for key in dict.fromkeys((r["method"], r["budget"]) for r in rows if r.get("tokens_per_s")):
+        pts = sorted((r["context"], r["tokens_per_s"]) for r in rows
+                     if (r["method"], r["budget"]) == key and r.get("tokens_per_s"))
+        label = key[0] if key[1] is None else f"{key[0]} {100 * key[1]:g}%"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("decode tokens/s (CPU)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    pc = [r for r in rows if "passcode_accuracy" in r]
+    for method in dict.fromkeys(r["method"] for r in pc):
+        pts = sorted((r["context"], r["passcode_accuracy"]) for r in pc if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xlabel("context tokens (budget 3% for sparse methods)")
+    ax.set_ylabel("passcode accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="stories260K, short contexts, few tokens (< 60 s)")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--profile", type=Path, default=None, help="retriever profile (default: calibrate a small one)")
+    ap.add_argument("--contexts", type=int, nargs="*", default=None, help="quality + speed contexts")
+    ap.add_argument("--speed-contexts", type=int, nargs="*", default=None, help="speed and memory only")
+    ap.add_argument("--budgets", type=float, nargs="*", default=[0.01, 0.03, 0.10])
+    ap.add_argument("--main-budget", type=float, default=0.03)
+    ap.add_argument("--methods", nargs="*", default=["dense", "ours", "oracle", "streamingllm", "quest"])
+    ap.add_argument("--scorer", default="banded")
+    ap.add_argument("--offload", default="int8")
+    ap.add_argument("--kl-positions", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--speed-tokens", type=int, default=None)
+    ap.add_argument("--passcode-cases", type=int, default=None)
+    ap.add_argument("--sinks", type=int, default=8)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    q = args.quick
+    torch.set_num_threads(args.threads)
+    from kvrecall.models import load_model, long_token_ids, read_texts
+    from kvrecall.retriever import RetrieverProfile, calibrate
+
+    args.model = args.model or ("stories260K" if q else "smollm2-135m")
+    contexts = args.contexts if args.contexts is not None else ([256, 480] if q else [2048, 4096, 8192])
+    speed_contexts = args.speed_contexts if args.speed_contexts is not None else ([2048] if q else [16384, 32768])
+    args.kl_positions = args.kl_positions or (8 if q else 64)
+    args.new_tokens = args.new_tokens or (8 if q else 64)
+    args.speed_tokens = args.speed_tokens or (4 if q else 16)
+    args.passcode_cases = args.passcode_cases if args.passcode_cases is not None else (1 if q else 10)
+    model, tok = load_model(model_spec(args.model))
+    started = time.perf_counter()
+    if args.profile:
+        profile = RetrieverProfile.load(args.profile, model=model)
+    else:
+        cal = long_token_ids(tok, read_texts(SHARED / "data" / "texts" / "gutenberg"), 2048 if q else 16384)
+        profile = calibrate(model, cal, model_id=args.model, bits=8 if q else 10, niter=4, progress=not q,
+                            chunk=min(512 if q else 1024, int(model.config.max_position_embeddings)))
+    eval_ids = long_token_ids(tok, read_texts(SHARED / "data" / "texts" / "state_union"), max(contexts))
+    book_ids = long_token_ids(tok, read_texts(SHARED / "data" / "texts" / "gutenberg")[::-1],
+                              max(contexts) * 2 + 400)
+    methods = args.methods
+    n_budgets = len(args.budgets)
+    per_ctx = sum(n_budgets if m.startswith("ours") else 1 for m in methods)
+    total = len(contexts) * (per_ctx + args.passcode_cases * len(methods)) + len(speed_contexts) * per_ctx
+    rows = []
+    with tqdm(total=total, desc="decode bench", unit="run", disable=None) as bar:
+        for T in contexts:
+            rows += quality_for_context(model, tok, profile, args, T, None, eval_ids, methods, args.budgets, bar)
+            if args.passcode_cases:
+                rows += passcode_rows(model, tok, profile, args, T, book_ids, methods, bar)
+        if speed_contexts:
+            from kvrecall.models import prefill_kv
+
+            kv_real = prefill_kv(model, eval_ids[: max(contexts)])
+            for T in speed_contexts:
+                rows += speed_rows(model, profile, args, T, kv_real, [m for m in methods if m in ("dense", "ours")],
+                                   args.budgets, bar)
+    score_rows = scoring_rows(profile, sorted(set(speed_contexts + [max(contexts)])), args.main_budget,
+                              3 if q else 7, 1)
+    elapsed = time.perf_counter() - started
+
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    print(f"\n{args.model}: {elapsed:.1f} s, profile {profile.settings.kind} {profile.settings.bits} bits "
+          f"{profile.settings.rope_mode}, scorer {args.scorer}, offload {args.offload}, {args.threads} threads")
+    print(f"{'ctx':>6s} {'method':13s} {'budget':>6s} {'tok/s':>7s} {'x dense':>7s} {'KL':>8s} {'mass':>6s} "
+          f"{'ratio':>6s} {'greedy':>6s} {'resid%':>7s} {'score':>6s} {'select':>6s} {'gather':>6s} {'attend':>6s} "
+          f"{'rest':>6s}  (ms per step, all layers)")
+    dense_tps = {r["context"]: r["tokens_per_s"] for r in rows if r["method"] == "dense" and "tokens_per_s" in r}
+    for r in rows:
+        if "tokens_per_s" not in r:
+            continue
+        r["speedup_vs_dense"] = r["tokens_per_s"] / dense_tps[r["context"]] if r["context"] in dense_tps else None
+        resid = r.get("resident_fraction")
+        print(f"{r['context']:6d} {r['method']:13s} {f(r['budget'], '.2f'):>6s} {r['tokens_per_s']:7.2f} "
+              f"{f(r['speedup_vs_dense'], '.2f'):>7s} {f(r.get('kl'), '.4f'):>8s} {f(r.get('mass'), '.3f'):>6s} "
+              f"{f(r.get('mass_ratio'), '.3f'):>6s} {f(r.get('greedy_agreement'), '.2f'):>6s} "
+              f"{f(None if resid is None else 100 * resid, '.2f'):>7s} {f(r.get('score_ms'), '.1f'):>6s} "
+              f"{f(r.get('select_ms'), '.1f'):>6s} {f(r.get('gather_ms'), '.1f'):>6s} {f(r.get('attend_ms'), '.1f'):>6s} "
+              f"{f(r.get('rest_ms'), '.1f'):>6s}")
+    print(f"\n{'ctx':>6s} {'method':13s} passcode accuracy (budget {args.main_budget:g})")
+    for r in rows:
+        if "passcode_accuracy" in r:
+            print(f"{r['context']:6d} {r['method']:13s} {r['passcode_accuracy']:.2f} ({r['passcode_cases']} cases)")
+    print(f"\n{'scorer':10s} {'ctx':>6s} {'score':>7s} {'select':>7s} {'total':>7s}  ms per layer per step, 1 thread")
+    for r in score_rows:
+        print(f"{r['scorer']:10s} {r['context']:6d} {r['score_ms']:7.2f} {r['select_ms']:7.2f} {r['score_select_ms']:7.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"argv": sys.argv[1:], "model": args.model, "contexts": contexts, "speed_contexts": speed_contexts,
+                "budgets": args.budgets, "main_budget": args.main_budget, "scorer": args.scorer,
+                "offload": args.offload, "threads": args.threads, "profile": str(args.profile),
+                "profile_settings": {"kind": profile.settings.kind, "bits": profile.settings.bits,
+                                     "rope_mode": profile.settings.rope_mode},
+                "kl_positions": args.kl_positions, "new_tokens": args.new_tokens,
+                "passcode_cases": args.passcode_cases, "elapsed_s": elapsed,
+                "note": "speed_only rows tile real KV past the longest quality context"}
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "scoring": score_rows}, indent=1))
+        plot(rows, args.json.with_suffix(".png"))
+        print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

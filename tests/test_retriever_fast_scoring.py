@@ -1,0 +1,118 @@
+"""CodeScorer (positional / windowed / banded scoring of codes) and topk_union against the reference paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrecall.retriever import KeyIndex, RetrieverError, RetrieverProfile, RetrieverSettings, lut_scores
+from kvrecall.retriever.fast_scoring import CodeScorer, _topk_rows, topk_union
+from kvrecall.retriever.rope_window import windowed_query
+from kvrecall.retriever.selection import select_from_scores
+
+
+def _random_profile(rope_mode="positional", layers=2, hkv=2, group=3, d=16, bits=6, seed=0) -> RetrieverProfile:
+    gen = torch.Generator().manual_seed(seed)
+    s = RetrieverSettings(model_id="rand", model_name="rand", num_layers=layers, num_heads=hkv * group,
+                          num_kv_heads=hkv, head_dim=d, kind="vq", m=1, bits=bits, rope_mode=rope_mode,
+                          window_distance=300)
+    a = torch.randn(layers, hkv, d, d, generator=gen) * 0.2 + torch.eye(d)
+    key_t = torch.linalg.cholesky(a @ a.transpose(-1, -2))
+    query_t = torch.linalg.inv(key_t).transpose(-1, -2).contiguous()
+    books = torch.randn(layers, hkv, 1, 1 << bits, d, generator=gen)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    return RetrieverProfile(s, key_t, query_t, books, inv_freq)
+
+
+@pytest.fixture(scope="module")
+def filled():
+    prof = _random_profile()
+    gen = torch.Generator().manual_seed(1)
+    t = 700
+    index = KeyIndex(prof)
+    for layer in range(2):
+        index.append(layer, torch.randn(2, t, 16, generator=gen))
+    codes = torch.stack([index.codes(layer) for layer in range(2)])[:, None]  # [L, 1, Hkv, T, 1]
+    return prof, index, codes, t
+
+
+def test_positional_equals_the_index_reference(filled):
+    prof, index, codes, t = filled
+    q = torch.randn(1, 6, 16)
+    scorer = CodeScorer(prof, "positional")
+    for layer in range(2):
+        got = scorer.scores(layer, q, codes[layer], 8, t, t + 5)
+        want = index.scores(layer, q, positions=torch.tensor([t + 5]))[:, :, 8:]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_windowed_equals_lut_scores_at_the_fixed_distance(filled):
+    prof, index, codes, t = filled
+    q = torch.randn(2, 6, 16)
+    scorer = CodeScorer(prof, "windowed")
+    qr = windowed_query(q, prof.inv_freq, prof.settings.window_distance)
+    qt = torch.einsum("bhd,hde->bhe", qr, prof.query_transform[0][torch.arange(6) // 3])
+    want = lut_scores(qt, prof.codebooks[0], index.codes(0), 3)
+    got = scorer.scores(0, q, codes[0].expand(2, -1, -1, -1), 0, t, t + 1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_banded_is_exact_near_and_exact_at_each_band_centre(filled):
+    prof, index, codes, t = filled
+    q = torch.randn(1, 6, 16)
+    pos = t + 3
+    banded = CodeScorer(prof, "banded", near=100, band_ratio=2.0)
+    exact = CodeScorer(prof, "positional").scores(0, q, codes[0], 0, t, pos)
+    got = banded.scores(0, q, codes[0], 0, t, pos)
+    bands = banded.bands(0, t, pos)
+    assert bands[0] == (pos - 99, t, None) and sum(e - s for s, e, _ in bands) == t
+    near = slice(pos - 99, t)
+    torch.testing.assert_close(got[..., near], exact[..., near], rtol=1e-4, atol=1e-4)
+    for s, e, d in bands[1:]:
+        j = pos - d  # the token exactly at the band's centre distance scores exactly
+        if s <= j < e:
+            torch.testing.assert_close(got[..., j], exact[..., j], rtol=1e-4, atol=1e-4)
+    # the whole band structure: tokens are covered once, contiguous, in order of distance
+    starts = [s for s, _, _ in bands]
+    assert starts == sorted(starts, reverse=True) and bands[-1][0] == 0
+    # the LUT approximation keeps most of the ranking
+    top_exact = set(exact[0, 0].topk(40).indices.tolist())
+    top_banded = set(got[0, 0].topk(40).indices.tolist())
+    assert len(top_exact & top_banded) >= 10
+
+
+def test_banded_with_near_covering_everything_is_positional(filled):
+    prof, _, codes, t = filled
+    q = torch.randn(1, 6, 16)
+    a = CodeScorer(prof, "banded", near=10_000).scores(1, q, codes[1], 8, t, t)
+    b = CodeScorer(prof, "positional").scores(1, q, codes[1], 8, t, t)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("n,k", [(50, 7), (9000, 300), (20000, 600), (5000, 5000)])
+def test_topk_rows_is_exact(n, k):
+    scores = torch.randn(6, n)
+    got = _topk_rows(scores, k)
+    want = scores.topk(min(k, n), dim=-1).values
+    torch.testing.assert_close(scores.gather(1, got).sort(-1, descending=True).values, want)
+
+
+def test_topk_union_matches_select_from_scores():
+    scores = torch.randn(2, 6, 5000)
+    got = topk_union(scores, 3, 200, offset=0)
+    ref = select_from_scores(scores, 3, 200, sinks=0, window=0)
+    for b in range(2):
+        for h in range(2):
+            want = ref.indices[b, h, : ref.counts[b, h]]
+            assert torch.equal(got[b][h], want)
+
+
+def test_scorer_rejects_bad_settings():
+    with pytest.raises(RetrieverError, match="absolute"):
+        CodeScorer(_random_profile("absolute"))
+    with pytest.raises(RetrieverError):
+        CodeScorer(_random_profile(), "lsh")
+    with pytest.raises(RetrieverError):
+        CodeScorer(_random_profile(), near=0)
+    with pytest.raises(RetrieverError):
+        CodeScorer(_random_profile(), band_ratio=1.0)
