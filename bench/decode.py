@@ -12,6 +12,13 @@ generated tokens, passcode accuracy (a five-digit number planted at depths 10-90
 through the chat template). Quality contexts use real prefills; speed-only contexts (past the model's training
 length) tile the real KV of the longest quality context (speed and memory do not depend on the values).
 A separate table times scoring + selection per layer per step for each scorer at the speed contexts on one thread.
+
+``--gpu`` (CUDA machine, run by ``bench/gpu_check.sh``; ``--gpu --smoke`` checks the code path on CPU, no figures):
+attention step per layer per decode step at 32K and 128K, 3%: dense ``scaled_dot_product_attention`` over fp16
+K/V on the GPU vs ours (banded code scoring + top-k + GQA union on the GPU, gather of the selected rows from
+pinned host memory + copy, Triton gathered sparse attention with RoPE in the kernel), CUDA-event medians; and
+decode tokens/s of SmolLM2-135M's configuration with random weights (speed does not depend on them), dense vs
+RetrievalCache at 32K.
 """
 
 from __future__ import annotations
@@ -307,7 +314,185 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# ------------------------------------------------------------------------------------------- GPU (--gpu)
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, head_dim=64, rope_theta=100000.0, max_position_embeddings=8192,
+               vocab_size=49152, rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
+def random_profile(layers: int, hq: int, hkv: int, d: int, bits: int, theta: float):
+    from kvrecall.retriever import RetrieverProfile, RetrieverSettings
+
+    gen = torch.Generator().manual_seed(0)
+    s = RetrieverSettings(model_id="random", model_name="smollm2-config-random", num_layers=layers, num_heads=hq,
+                          num_kv_heads=hkv, head_dim=d, kind="vq", m=1, bits=bits, rope_mode="positional")
+    eye = torch.eye(d).expand(layers, hkv, d, d).contiguous()
+    books = torch.randn(layers, hkv, 1, 1 << bits, d, generator=gen)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2).float() / d))
+    return RetrieverProfile(s, eye.clone(), eye.clone(), books, inv_freq)
+
+
+def timer(fn, device, reps: int) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def attention_rows(contexts, budget, device, reps, dtype=torch.float16):
+    """Per-layer attention step: dense SDPA vs score + select + gather + sparse attention (one layer, batch 1)."""
+    from kvrecall.kernels.rope import RopeSpec
+    from kvrecall.kernels.sparse_attention import sparse_decode_attention
+    from kvrecall.retrieval_store import OffloadStore
+    from kvrecall.retriever.fast_scoring import CodeScorer, topk_union
+    from kvrecall.retriever.selection import resolve_budget
+
+    c = SMOLLM2
+    hq, hkv, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    prof = random_profile(1, hq, hkv, d, 12, c["rope_theta"])
+    scorer = CodeScorer(prof, "banded", device=device)
+    rope = RopeSpec.from_inv_freq(prof.inv_freq.to(device))
+    rows = []
+    for T in contexts:
+        k = torch.randn(1, hkv, T, d, device=device, dtype=dtype)
+        v = torch.randn(1, hkv, T, d, device=device, dtype=dtype)
+        q = torch.randn(1, hq, 1, d, device=device, dtype=dtype)
+        dense = timer(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                      device, reps)
+        store = OffloadStore(1, hkv, d, "float16", dtype, pin=device.type == "cuda")
+        store.append(k.cpu(), v.cpu())
+        codes = torch.randint(0, 4096, (1, hkv, T, 1), device=device, dtype=torch.int16)
+        kk = resolve_budget(budget, T)
+        q_pre = q[:, :, 0].float()
+        stages = {}
+
+        def step():
+            t0 = time.perf_counter()
+            sc = scorer.scores(0, q_pre, codes, 8, T - 64, T + 1)
+            chosen = topk_union(sc, hq // hkv, kk, offset=8)
+            n = max(len(x) for x in chosen[0])
+            idx = torch.full((1, hkv, n), 0, dtype=torch.int64)
+            counts = torch.tensor([[len(x) for x in chosen[0]]])
+            for h, x in enumerate(chosen[0]):
+                idx[0, h, : len(x)] = x.cpu()
+            t1 = time.perf_counter()
+            ks, vs = store.gather(idx, device)
+            out = sparse_decode_attention(q[:, :, 0], ks.contiguous(), vs.contiguous(), idx.to(device),
+                                          counts.to(device), rope=rope, gathered=True, validate=False)
+            stages.setdefault("select_host_ms", []).append(1e3 * (t1 - t0))
+            return out
+
+        ours = timer(step, device, reps)
+        rows.append({"context": T, "budget": budget, "selected_per_head": kk, "dense_sdpa_ms": dense,
+                     "ours_ms": ours, "ratio": ours / dense, "device": str(torch.cuda.get_device_name(device))
+                     if device.type == "cuda" else "cpu smoke (not a figure)",
+                     "host_score_select_ms_median": statistics.median(stages["select_host_ms"])})
+        print(f"  attention T={T:7d}: dense {dense:.3f} ms, ours {ours:.3f} ms, ratio {ours / dense:.2f}", flush=True)
+    return rows
+
+
+def model_rows(contexts, budget, device, new_tokens):
+    """Decode tokens/s of SmolLM2's configuration with random weights: DynamicCache vs RetrievalCache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvrecall.models import cache_kwargs, kv_to_cache
+    from kvrecall.retrieval_cache import RetrievalCache
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SMOLLM2)
+    model = LlamaForCausalLM(cfg).to(device, torch.float16).eval()
+    model.set_attn_implementation("sdpa")
+    c = SMOLLM2
+    prof = random_profile(c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"],
+                          c["head_dim"], 12, c["rope_theta"])
+    rows = []
+    for T in contexts:
+        kv = torch.randn(c["num_hidden_layers"], 2, c["num_key_value_heads"], T - 1, c["head_dim"],
+                         dtype=torch.float16)
+        ids = torch.randint(0, c["vocab_size"], (1, T), device=device)
+        for name in ("dense", "ours"):
+            if name == "dense":
+                cache = kv_to_cache(model, kv.to(device))
+            else:
+                cache = RetrievalCache.from_kv(model, prof, kv, budget=budget, offload="float16",
+                                               backend="triton" if device.type == "cuda" else "torch")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               **cache_kwargs(model, cache))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t) / new_tokens
+            if hasattr(cache, "restore_attention"):
+                cache.restore_attention()
+            rows.append({"context": T, "method": name, "budget": None if name == "dense" else budget,
+                         "tokens_per_s": 1 / dt})
+            print(f"  model T={T:7d} {name:5s}: {1 / dt:.2f} tokens/s", flush=True)
+            del cache
+    return rows
+
+
+def gpu_main(argv=None) -> int:
+    """``--gpu``: the GPU measurements (see :func:`attention_rows`, :func:`model_rows`)."""
+    ap = argparse.ArgumentParser(description="GPU decode bench (bench/decode.py --gpu)")
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the code path; no figures)")
+    ap.add_argument("--contexts", type=int, nargs="*", default=[32768, 131072])
+    ap.add_argument("--model-contexts", type=int, nargs="*", default=[32768])
+    ap.add_argument("--budget", type=float, default=0.03)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    args = ap.parse_args(argv)
+    if args.smoke:  # the Triton kernels run under the interpreter on CPU
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if torch.cuda.is_available() and not args.smoke:
+        device = torch.device("cuda")
+    elif args.smoke:
+        device = torch.device("cpu")
+        args.contexts, args.model_contexts, args.reps, args.new_tokens = [2048], [512], 2, 2
+    else:
+        print("decode_gpu: no CUDA device; run with --smoke for a CPU check of the code path (no figures)",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    out = {"meta": {"argv": sys.argv[1:], "torch": torch.__version__, "device": str(device),
+                    "smoke": args.smoke},
+           "attention": attention_rows(args.contexts, args.budget, device, args.reps),
+           "model": model_rows(args.model_contexts, args.budget, device, args.new_tokens)}
+    out["meta"]["elapsed_s"] = time.perf_counter() - started
+    for r in out["attention"]:
+        print(f"attention/layer/step T={r['context']}: ours/dense = {r['ratio']:.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--gpu" in argv:
+        return gpu_main(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="stories260K, short contexts, few tokens (< 60 s)")
     ap.add_argument("--json", type=Path)
@@ -334,8 +519,8 @@ def main(argv=None) -> int:
     from kvrecall.retriever import RetrieverProfile, calibrate
 
     args.model = args.model or ("stories260K" if q else "smollm2-135m")
-    contexts = args.contexts if args.contexts is not None else ([256, 480] if q else [2048, 4096, 8192])
-    speed_contexts = args.speed_contexts if args.speed_contexts is not None else ([2048] if q else [16384, 32768])
+    contexts = args.contexts if args.contexts is not None else ([384] if q else [2048, 4096, 8192])
+    speed_contexts = args.speed_contexts if args.speed_contexts is not None else ([1024] if q else [16384, 32768])
     args.kl_positions = args.kl_positions or (8 if q else 64)
     args.new_tokens = args.new_tokens or (8 if q else 64)
     args.speed_tokens = args.speed_tokens or (4 if q else 16)
