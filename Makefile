@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kvrecall demo --model $(MODEL) --texts $(TEXTS)
 
 demo-fast: $(STAMP)
-	$(VENV)/bin/kvrecall demo --model $(SHARED)/models/stories260K --texts $(TEXTS)
+	$(VENV)/bin/kvrecall demo --fast --texts $(TEXTS)
 
 test-deps:
 	@bash .ci/ensure-test-deps
@@ -52,6 +52,11 @@ bench-quick: $(STAMP)
 	$(PY) bench/kvstore.py --quick --json bench/results/kvstore-quick.json
 	$(PY) bench/retrieval.py --quick --json bench/results/retrieval-quick.json
 	$(PY) bench/kernels.py --quick --json bench/results/kernels-cpu-quick.json
+
+# On a lent GPU machine (bare, offline; its own python3 with torch/triton/transformers): every GPU test and the GPU
+# benches in < 8 minutes, results in bench/results/gpu-*.json. Needs no venv.
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
