@@ -512,8 +512,22 @@ def main(argv=None) -> int:
     ap.add_argument("--sinks", type=int, default=8)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--scoring-only", action="store_true",
+                    help="only the scorer timing table (SmolLM2 shape, 12-bit VQ, random codes, 1 thread)")
     args = ap.parse_args(argv)
     q = args.quick
+    if args.scoring_only:
+        prof = random_profile(1, 9, 3, 64, 12, 1e5)
+        ctxs = args.speed_contexts or [8192, 32768]
+        rows = scoring_rows(prof, ctxs, args.main_budget, 3 if q else 9, 1)
+        print(f"{'scorer':10s} {'ctx':>6s} {'score':>7s} {'select':>7s} {'total':>7s}  ms per layer per step, 1 thread")
+        for r in rows:
+            print(f"{r['scorer']:10s} {r['context']:6d} {r['score_ms']:7.2f} {r['select_ms']:7.2f} "
+                  f"{r['score_select_ms']:7.2f}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"meta": {"argv": sys.argv[1:]}, "scoring": rows}, indent=1))
+        return 0
     torch.set_num_threads(args.threads)
     from kvrecall.models import load_model, long_token_ids, read_texts
     from kvrecall.retriever import RetrieverProfile, calibrate
