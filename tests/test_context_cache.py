@@ -1,6 +1,6 @@
 """ContextCache into model.generate, with SmolLM2-135M and a real kvstore server on loopback.
 
-Prompts stay at ~200 tokens with 64-token chunks so the whole module runs in well under a minute on two cores.
+Prompts stay at 160 tokens with 64-token chunks so the whole module runs in well under a minute on two cores.
 """
 
 import warnings
@@ -14,7 +14,7 @@ from kvrecall.loading_meter import ThroughputMeter
 from kvrecall.models import cache_kwargs, prefill_kv, read_texts
 
 CHUNK = 64
-NEW = 10
+NEW = 6
 
 
 def _greedy(model, ids, n=NEW, **kw):
@@ -51,12 +51,12 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def prompt(smol, texts_path):
-    """A chat prompt of 200 tokens, its prefill KV and its greedy continuation."""
+    """A chat prompt of 160 tokens, its prefill KV and its greedy continuation."""
     model, tok = smol
     text = read_texts(texts_path / "gutenberg")[0][1][5000:6200]
     msgs = [{"role": "user", "content": text + "\n\nSummarize this in one sentence."}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    ids = torch.cat([ids[0, :180], ids[0, -20:]])  # 200 tokens ending in the question and the assistant turn
+    ids = torch.cat([ids[0, :140], ids[0, -20:]])  # 160 tokens ending in the question and the assistant turn
     return ids, prefill_kv(model, ids), _greedy(model, ids)
 
 
@@ -64,14 +64,14 @@ def test_store_load_round_trip_includes_the_partial_chunk(client, prompt):
     ids, kv, _ = prompt
     cc = ContextCache(client, "t-roundtrip", None, "medium", chunk_tokens=CHUNK)
     first = cc.store(None, ids, kv=kv)
-    assert (first.chunks, first.stored) == (4, 4) and first.bytes_written == first.bytes_by_level["medium"] > 0
+    assert (first.chunks, first.stored) == (3, 3) and first.bytes_written == first.bytes_by_level["medium"] > 0
     again = cc.store(None, ids, kv=kv)
     assert again.stored == 0 and again.bytes_written == 0  # present: nothing re-encoded
     loaded = cc.load(ids)
-    assert loaded.tokens == 200 and loaded.bytes_read == first.bytes_written
-    expect = torch.cat([decode(encode(kv[:, :, :, i : i + CHUNK])) for i in range(0, 200, CHUNK)], dim=3)
+    assert loaded.tokens == 160 and loaded.bytes_read == first.bytes_written
+    expect = torch.cat([decode(encode(kv[:, :, :, i : i + CHUNK])) for i in range(0, 160, CHUNK)], dim=3)
     assert torch.equal(loaded.kv, expect)
-    assert cc.load(ids[None]).tokens == 200  # [1, tokens] is accepted too
+    assert cc.load(ids[None]).tokens == 160  # [1, tokens] is accepted too
 
 
 def test_lossless_level_generates_exactly_like_recompute_without_refeeding(smol, client, prompt):
@@ -86,7 +86,7 @@ def test_lossless_level_generates_exactly_like_recompute_without_refeeding(smol,
     assert cache.get_seq_length() == ids.numel() + 2  # only the last prompt token was fed, not the whole prompt
     out = cc.generate(model, ids, max_new_tokens=NEW)
     assert torch.equal(out, ref)
-    assert cc.last_report.levels == {"exact": 4} and cc.last_report.bytes_read > 0
+    assert cc.last_report.levels == {"exact": 3} and cc.last_report.bytes_read > 0
 
 
 def test_prefix_shared_by_two_prompts_is_reused(smol, client, prompt):
@@ -94,7 +94,7 @@ def test_prefix_shared_by_two_prompts_is_reused(smol, client, prompt):
     ids, kv, _ = prompt
     cc = ContextCache(client, "t-prefix", None, "exact", chunk_tokens=CHUNK)
     cc.store(None, ids, kv=kv)
-    other = torch.cat([ids[:150], ids[-30:].flip(0)])  # same first 150 tokens, another ending
+    other = torch.cat([ids[:140], ids[-30:].flip(0)])  # same first 140 tokens, another ending
     cache, n = cc.load_cache(model, other)
     assert n == 128  # two full chunks; the third differs, the partial chunk belongs to the other prompt
     assert torch.equal(cc.generate(model, other, max_new_tokens=6), _greedy(model, other, 6))
@@ -148,10 +148,10 @@ def test_auto_picks_per_chunk_from_measured_bandwidth(smol, client, prompt):
     fast = ThroughputMeter(bandwidth_Bps=1e10, prefill_tokens_per_s=100.0)
     cc = ContextCache(client, "t-auto", None, "auto", chunk_tokens=CHUNK, auto_levels=("exact", "low"), meter=fast)
     stored = cc.store(None, ids, kv=kv)
-    assert stored.stored == 8 and stored.bytes_by_level["low"] < stored.bytes_by_level["exact"] / 4
+    assert stored.stored == 6 and stored.bytes_by_level["low"] < stored.bytes_by_level["exact"] / 4
     cache, n = cc.load_cache(model, ids)
     report = cc.last_report
-    assert n == 199 and sum(report.levels.values()) == 4 and report.expected_s > 0 and report.actual_s > 0
+    assert n == 159 and sum(report.levels.values()) == 3 and report.expected_s > 0 and report.actual_s > 0
     assert all(set(c.estimates) == {"exact", "low", "recompute"} for c in report.choices)
     # A link so slow that any transfer loses to prefill: the controller recomputes from the first chunk.
     slow = ThroughputMeter(bandwidth_Bps=10.0, prefill_tokens_per_s=1e4)
@@ -165,7 +165,7 @@ def test_auto_picks_per_chunk_from_measured_bandwidth(smol, client, prompt):
                           quality={"exact": 0.0, "low": 0.2}, max_quality_loss=0.05,
                           meter=ThroughputMeter(bandwidth_Bps=1e5, prefill_tokens_per_s=1.0))
     strict.load_cache(model, ids)
-    assert strict.last_report.levels == {"exact": 4}
+    assert strict.last_report.levels == {"exact": 3}
 
 
 def test_load_retrieval_cache_lossless_matches_retrieval_from_prefill(smol, client, prompt, texts_path):
@@ -185,7 +185,7 @@ def test_load_retrieval_cache_lossless_matches_retrieval_from_prefill(smol, clie
                      lambda: RetrievalCache.from_kv(model, profile, kv[:, :, :, :-1], budget=0.1, sinks=4, window=16)):
             rcache = make()
             assert rcache.get_seq_length() == ids.numel() - 1
-            outs.append(model.generate(ids[None], max_new_tokens=8, do_sample=False, temperature=None, top_p=None,
+            outs.append(model.generate(ids[None], max_new_tokens=6, do_sample=False, temperature=None, top_p=None,
                                        top_k=None, **cache_kwargs(model, rcache)))
             rcache.restore_attention()
     finally:
