@@ -59,7 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="context lengths for the primary (first) model only, e.g. 2048 8192 (default: --context)")
     p.add_argument("--primary-texts", type=int, nargs="+",
                    help="evaluation texts per primary-model context length (default --n-texts for each)")
+    p.add_argument("--allocation", choices=("sensitivity", "layer-groups"), default="layer-groups",
+                   help="our bit allocation per (layer, K/V): fixed early-layers-finer factors (default) or from the "
+                        "measured KL sensitivity on one calibration text (lost on SmolLM2: docs/codec.md)")
+    p.add_argument("--no-ablations", action="store_true",
+                   help="skip the slow ablation rows (fp16+zstd-19, CacheGen fed pre-RoPE keys)")
+    p.add_argument("--n-calib", type=int, help="calibration texts (default: every text in --calib-texts)")
     p.add_argument("--passcode", type=int, help="planted-passcode cases on the primary model (default 10, quick 0)")
+    p.add_argument("--passcode-only", action="store_true", help="only the passcode test (primary model)")
     p.add_argument("--passcode-tokens", type=int, default=4096, help="prompt tokens of each passcode case")
     p.add_argument("--cont", type=int, help="continuation tokens (default per model: 256 / 256)")
     p.add_argument("--chunk", type=int, default=256, help="tokens per encoded chunk")
@@ -118,7 +125,8 @@ class OurCodec:
         return [self.encoder.decode(b, profile=self.profile) for b in blobs]
 
 
-def load_ours(model, tok, model_path: str, calib_dir: Path, context: int, chunk: int) -> tuple[list[OurCodec], dict]:
+def load_ours(model, tok, model_path: str, calib_dir: Path, context: int, chunk: int,
+              allocation: str = "layer-groups", n_calib: int | None = None) -> tuple[list[OurCodec], dict]:
     """Our codec at every level, its profile calibrated on ``calib_dir`` texts; ``([], info)`` if not built yet.
 
     Calibration samples: the prefill KV and queries of the first ``min(context, CALIB_TOKENS_MAX)`` tokens of each
@@ -134,17 +142,30 @@ def load_ours(model, tok, model_path: str, calib_dir: Path, context: int, chunk:
     from kvrecall.models import capture_qkv, model_fingerprint, read_texts
 
     context = min(context, CALIB_TOKENS_MAX)
-    samples, queries = [], []
+    samples, queries, all_ids = [], [], []
     for _, text in read_texts(calib_dir):
+        if n_calib is not None and len(samples) >= n_calib:
+            break
         ids = first_tokens(tok, text, context)
         if len(ids) >= min(context, chunk):
             qkv = capture_qkv(model, ids)
             samples.append(qkv.kv())
             queries.append(qkv.q)
+            all_ids.append(ids)
     if not samples:
         raise SystemExit(f"no calibration text under {calib_dir} holds {min(context, chunk)} tokens")
     start = time.perf_counter()
     profile = enc.CodecProfile.calibrate(samples, model_fingerprint(model_path), query_samples=queries)
+    group_scales = None
+    if allocation == "sensitivity":
+        from kvrecall.encoder.sensitivity import group_scales_from_sensitivity, measure_sensitivity
+
+        ids = all_ids[0]
+        split = max(1, min(len(ids) - 64, 1024))  # context for the measurement, the rest (<= 128) is scored
+        sens = measure_sensitivity(model, samples[0][:, :, :, :split].contiguous(), ids[split : split + 128], profile)
+        group_scales = group_scales_from_sensitivity(sens)
+        profile = enc.CodecProfile.calibrate(samples, model_fingerprint(model_path), query_samples=queries,
+                                             group_scales=group_scales)
     calib_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         profile.save(Path(tmp) / "profile")
@@ -154,7 +175,9 @@ def load_ours(model, tok, model_path: str, calib_dir: Path, context: int, chunk:
     codecs.append(OurCodec(enc, None, "medium" if "medium" in levels else levels[(len(levels) - 1) // 2]))
     info = {"profile_id": str(getattr(profile, "profile_id", "")), "profile_bytes": profile_bytes,
             "profile_bits_per_element_over_1GiB": profile_bytes * 8 / (GIB / 2),
-            "calibration_texts": len(samples), "calibration_seconds": round(calib_s, 2), "levels": levels}
+            "calibration_texts": len(samples), "calibration_seconds": round(calib_s, 2), "levels": levels,
+            "allocation": allocation,
+            "group_scales": None if group_scales is None else [[round(float(v), 4) for v in r] for r in group_scales]}
     try:  # which rANS path the timings measured (the C extension is optional)
         from kvrecall.encoder import native
 
@@ -320,10 +343,11 @@ def run_model(path: str, args: argparse.Namespace, context: int | None = None, n
         label = f"{label} @{context // 1024}K" if context % 1024 == 0 else f"{label} @{context}"
     cases = build_cases(model, tok, args.texts, n_texts or args.n_texts, context, cont)
     if "ours" not in loaded:
-        loaded["ours"] = load_ours(model, tok, path, args.calib_texts, context + cont, args.chunk)
+        loaded["ours"] = load_ours(model, tok, path, args.calib_texts, context + cont, args.chunk, args.allocation,
+                                   args.n_calib)
     ours, info = loaded["ours"]
     info = dict(info)
-    codecs = [c for c in baseline_codecs(args.quick)] + ours
+    codecs = [c for c in baseline_codecs(args.quick, not args.no_ablations)] + ours
     accs = {(c.name, c.level): RowAccumulator() for c in codecs}
     our_blobs: dict[str, tuple[OurCodec, list[bytes]]] = {}
     with tqdm(total=len(cases) * len(codecs), desc=label, unit="run", leave=False) as bar:
@@ -543,6 +567,16 @@ def main(argv: list[str] | None = None) -> int:
         loaded: dict = {}
         contexts = (args.primary_contexts if i == 0 and args.primary_contexts else args.context) or [None]
         n_texts = (args.primary_texts if i == 0 and args.primary_texts else None) or [args.n_texts] * len(contexts)
+        if args.passcode_only:
+            if i > 0:
+                break
+            from kvrecall.models import load_model
+
+            loaded["model"] = load_model(path)
+            ctx0 = MODEL_LENGTHS.get(Path(path).name, (256, 256))
+            loaded["ours"] = load_ours(*loaded["model"], path, args.calib_texts, sum(ctx0), args.chunk,
+                                       args.allocation, args.n_calib)
+            contexts = []
         for context, n in zip(contexts, n_texts + [args.n_texts] * len(contexts)):
             model_rows, info = run_model(path, args, context, n, loaded)
             rows += model_rows
@@ -569,12 +603,14 @@ def main(argv: list[str] | None = None) -> int:
                      "seconds": round(time.time() - start, 1),
                      "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
-    print_table(rows, targets, infos)
+    if rows:
+        print_table(rows, targets, infos)
     print(f"\n{len(rows)} rows in {result['settings']['seconds']} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=float))
-        plot(rows, args.json.with_suffix(".png"))
+        if rows:
+            plot(rows, args.json.with_suffix(".png"))
         print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
     return 0
 

@@ -557,14 +557,14 @@ class CacheGenCodec(BaselineCodec):
         return out.reshape(2, L, T, H, D).permute(1, 0, 3, 2, 4).contiguous()
 
 
-def baseline_codecs(quick: bool = False) -> list[BaselineCodec]:
-    """The baselines the bench runs, in table order."""
+def baseline_codecs(quick: bool = False, ablations: bool = True) -> list[BaselineCodec]:
+    """The baselines the bench runs, in table order (``ablations``: zstd-19 and CacheGen fed pre-RoPE keys too)."""
     codecs: list[BaselineCodec] = [Fp16Codec(), Fp16ZstdCodec(3)]
-    if not quick:
+    if not quick and ablations:
         codecs.append(Fp16ZstdCodec(19))
     codecs += [Int8TokenCodec(), KiviCodec(4), KiviCodec(2)]
     # quick mode: only the middle level (the targets' reference); our numpy arithmetic coder is the slow part
     codecs += [CacheGenCodec(level) for level in (("2",) if quick else ("1", "2", "3"))]
-    if not quick:  # ablation, not CacheGen as released: the same codec fed pre-RoPE keys
+    if not quick and ablations:  # ablation, not CacheGen as released: the same codec fed pre-RoPE keys
         codecs.append(CacheGenCodec("2", keys_post_rope=False))
     return codecs

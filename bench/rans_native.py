@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -123,9 +124,11 @@ def run_model(path: str, args: argparse.Namespace, native) -> list[dict]:
 
     model, tok = load_model(path)
     label = MODEL_LABELS.get(Path(path).name, Path(path).name)
-    profile = enc.CodecProfile.calibrate(
-        kv_samples(model, tok, args.calib_texts, args.n_calib, args.context), model_fingerprint(path)
-    )
+    calib = kv_samples(model, tok, args.calib_texts, args.n_calib, args.context)
+    profile = enc.CodecProfile.calibrate(calib, model_fingerprint(path))
+    # the format-1 decode path: no per-token value scales, no exact tokens (same coder, same tables layout)
+    plain = enc.CodecProfile.calibrate(calib, model_fingerprint(path), value_token_scales=False)
+    no_exact = torch.zeros(0, dtype=torch.int64)
     kvs = kv_samples(model, tok, args.texts, args.n_texts, args.context)
     chunks = [kv[:, :, :, s : s + args.chunk].contiguous() for kv in kvs for s in range(0, kv.shape[3], args.chunk)]
     levels = ["medium"] if args.quick else list(enc.LEVELS)
@@ -154,7 +157,13 @@ def run_model(path: str, args: argparse.Namespace, native) -> list[dict]:
         if not (np.array_equal(w_ref, w_got) and np.array_equal(c_ref, c_got)):
             raise SystemExit(f"{label} {level}: native encode differs from encode_lockstep")
         fp16 = symbols * 2 / 1e6
+        # whole-codec decode (rANS + escapes + dequantize): format-1 path vs format 2 (value scales, sinks)
+        blobs_v1 = [enc.encode(c, plain, level, exact_tokens=no_exact) for c in chunks]
+        t_v1, t_v2, _, _ = time_pair(lambda: enc.decode_many(blobs_v1, plain), lambda: enc.decode_many(blobs, profile),
+                                     args.repeats)
         rows.append({
+            "codec_decode_v1path_cpu_MBps": fp16 / t_v1["cpu"], "codec_decode_v2_cpu_MBps": fp16 / t_v2["cpu"],
+            "codec_decode_v2_over_v1": t_v1["cpu"] / t_v2["cpu"],
             "model": label, "level": level, "chunks": len(blobs), "streams": int(a["starts"].size),
             "symbols": symbols, "bits_per_symbol": float(a["ends"][-1] - a["starts"][0]) * 16 / symbols,
             "decode_numpy_MBps": fp16 / t_np["wall"], "decode_native_MBps": fp16 / t_c["wall"],
@@ -169,7 +178,8 @@ def run_model(path: str, args: argparse.Namespace, native) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'model':20} {'level':7} {'symbols':>8} {'b/sym':>5} | {'numpy':>6} {'C':>6} {'C cpu':>6} {'C u16':>6} "
-            f"{'C s-maj':>7} {'Msym/s':>6} {'x':>4} | {'enc np':>6} {'enc C':>6} {'x':>4}")
+            f"{'C s-maj':>7} {'Msym/s':>6} {'x':>4} | {'enc np':>6} {'enc C':>6} {'x':>4} | {'dec v1':>6} {'dec v2':>6} "
+            f"{'v2/v1':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -177,11 +187,14 @@ def print_table(rows: list[dict]) -> None:
               f"{r['decode_numpy_MBps']:6.1f} {r['decode_native_MBps']:6.1f} {r['decode_native_cpu_MBps']:6.1f} "
               f"{r['decode_native_u16_MBps']:6.1f} {r['decode_native_stream_major_MBps']:7.1f} "
               f"{r['decode_native_Msym_s']:6.1f} {r['decode_speedup']:4.0f} | "
-              f"{r['encode_numpy_MBps']:6.1f} {r['encode_native_MBps']:6.1f} {r['encode_speedup']:4.0f}")
+              f"{r['encode_numpy_MBps']:6.1f} {r['encode_native_MBps']:6.1f} {r['encode_speedup']:4.0f} | "
+              f"{r['codec_decode_v1path_cpu_MBps']:6.1f} {r['codec_decode_v2_cpu_MBps']:6.1f} "
+              f"{r['codec_decode_v2_over_v1']:5.2f}")
     print("MB/s of fp16-equivalent output (2 bytes per symbol), medians. numpy = decode_lockstep; "
           "C = decode_lockstep_native on the same arguments (uint32 words), wall time; C cpu = the same runs timed by "
           "this process's CPU time (excludes time the CPU spent on other processes); "
-          "C u16 = uint16 words; C s-maj = decode_streams_native ([S, n] output). "
+          "C u16 = uint16 words; C s-maj = decode_streams_native ([S, n] output). dec v1 / dec v2 = the whole codec's "
+          "decode_many in CPU time, format-1 path (no value scales, no exact tokens) vs format 2; v2/v1 = speed ratio. "
           f"Decode target >= {TARGET_MBPS:.0f} MB/s. Timings are noisy when other processes share the CPU.")
 
 

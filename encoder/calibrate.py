@@ -22,7 +22,14 @@ import torch
 
 from kvrecall.encoder.errors import CodecError
 from kvrecall.encoder.profile import CodecProfile
-from kvrecall.encoder.quantize import LEVEL_STEP, LEVELS, SYMBOL_LIMIT, layer_step_factors
+from kvrecall.encoder.quantize import (
+    LEVEL_STEP,
+    LEVELS,
+    SYMBOL_LIMIT,
+    layer_step_factors,
+    quantize_with,
+    value_token_exponents,
+)
 from kvrecall.encoder.tables import table_from_histogram
 
 __all__ = ["calibrate_profile", "collect_calibration_kv", "channel_entropies", "key_importance_from_queries", "value_importance_from_model"]
@@ -107,6 +114,7 @@ def calibrate_profile(
     scale_bits: int = 12,
     keys_pre_rope: bool = True,
     chunk_tokens: int = 256,
+    value_token_scales: bool = True,
     info: dict | None = None,
     progress: Callable | None = None,
 ) -> CodecProfile:
@@ -131,6 +139,10 @@ def calibrate_profile(
         rANS precision.
     chunk_tokens : int
         Samples are cut into chunks of this many tokens for the delta statistics (delta restarts per chunk).
+    value_token_scales : bool
+        Chunks coded with the profile carry per-token value scales
+        (:func:`~kvrecall.encoder.quantize.value_token_exponents`); the tables are built from symbols quantized
+        that way. Default True (SmolLM2: next-token KL -40% at equal bits, ``docs/codec.md``).
     info : dict, optional
         Extra calibration facts stored in the profile.
     progress : callable, optional
@@ -172,6 +184,8 @@ def calibrate_profile(
     if group_scales.shape != (layers, 2) or not np.all(np.isfinite(group_scales)) or np.any(group_scales <= 0):
         raise CodecError(f"group_scales must be a positive finite [L={layers}, 2] array")
     n_levels = len(LEVELS)
+    chunk_vexp = [value_token_exponents(torch.from_numpy(c[:, 1]), torch.from_numpy(offset[:, 1])) for c in chunks] \
+        if value_token_scales else []
     step = np.empty((n_levels, layers, 2, heads, head_dim), dtype=np.float32)
     delta = np.zeros((n_levels, layers, 2), dtype=bool)
     tmap = np.zeros((n_levels, layers, 2, heads, head_dim), dtype=np.int64)
@@ -180,7 +194,14 @@ def calibrate_profile(
         step[li] = (LEVEL_STEP[name] * group_scales[:, :, None, None] * rms[:, :, None, None] * adj).astype(np.float32)
         st = step[li][:, :, :, None, :]
         off = offset[:, :, :, None, :]
-        qs = [np.clip(np.round((c - off) / st), -SYMBOL_LIMIT, SYMBOL_LIMIT).astype(np.int32) for c in chunks]
+        if value_token_scales:
+            qs = [
+                quantize_with(torch.from_numpy(c), torch.from_numpy(step[li]), torch.from_numpy(offset), name, None,
+                              keys_pre_rope, vexp).symbols.numpy().astype(np.int32)
+                for c, vexp in zip(chunks, chunk_vexp)
+            ]
+        else:
+            qs = [np.clip(np.round((c - off) / st), -SYMBOL_LIMIT, SYMBOL_LIMIT).astype(np.int32) for c in chunks]
         los, freqs = [], []
         for l in range(layers):
             for kv in range(2):
@@ -211,6 +232,7 @@ def calibrate_profile(
         "n_groups": n_groups,
         "importance_power": importance_power if (key_importance is not None or value_importance is not None) else 0,
         "chunk_tokens": chunk_tokens,
+        "value_token_scales": bool(value_token_scales),
         "group_scales": [[round(float(v), 6) for v in row] for row in group_scales],
     }
     facts.update(info or {})

@@ -31,6 +31,8 @@ from kvrecall.encoder.quantize import (
     layer_step_factors,
     level_index,
     quantize_with,
+    value_scales,
+    value_token_exponents,
 )
 from kvrecall.encoder import native
 from kvrecall.encoder.rans import decode_lockstep, encode_lockstep
@@ -167,9 +169,16 @@ def _quantize_steps(kv: torch.Tensor, profile: CodecProfile | None, li: int, key
             raise CodecError(f"profile {profile.profile_id} was calibrated with keys_pre_rope={profile.keys_pre_rope}")
         step = torch.from_numpy(profile.step[li])
         offset = torch.from_numpy(profile.offset)
-        return quantize_with(kv, step, offset, LEVELS[li], profile.profile_id, keys_pre_rope)
+        vexp = value_token_exponents(kv[:, 1], offset[:, 1]) if uses_value_scales(profile) else None
+        return quantize_with(kv, step, offset, LEVELS[li], profile.profile_id, keys_pre_rope, vexp)
     step, offset, _ = _fallback_scales(kv, li)
-    return quantize_with(kv, step, offset, LEVELS[li], None, keys_pre_rope)
+    return quantize_with(kv, step, offset, LEVELS[li], None, keys_pre_rope, value_token_exponents(kv[:, 1], offset[:, 1]))
+
+
+def uses_value_scales(profile: CodecProfile | None) -> bool:
+    """Whether chunks coded with ``profile`` carry per-token value scales (profiles calibrated with them; always
+    for self-contained chunks)."""
+    return profile is None or bool(profile.info.get("value_token_scales", False))
 
 
 # ---------------------------------------------------------------------------------------------------- encode
@@ -255,6 +264,7 @@ class _Prepared:
             words=words,
             exact_tokens=None if q.exact_tokens is None else q.exact_tokens.numpy(),
             exact_values=q.exact_values,
+            value_exp=None if q.value_exp is None else q.value_exp.numpy(),
         )
 
     def encode_alone(self) -> bytes:
@@ -284,7 +294,7 @@ def _prepare(
         scales, tables = b"", b""
     else:
         step, offset, scales = _fallback_scales(kv, li)
-        q = quantize_with(kv, step, offset, LEVELS[li], None, keys_pre_rope)
+        q = quantize_with(kv, step, offset, LEVELS[li], None, keys_pre_rope, value_token_exponents(kv[:, 1], offset[:, 1]))
         sinks = find_sink_tokens(kv) if exact_tokens is None else _check_exact_tokens(exact_tokens, tokens)
         q = with_exact_tokens(q, kv, sinks)
         scale_bits = DEFAULT_SCALE_BITS
@@ -430,6 +440,19 @@ class ParsedChunk:
             t = torch.from_numpy(raw).view(h.exact_dtype)
         return t.reshape(layers, 2, heads, h.n_exact, head_dim)
 
+    def value_exp(self) -> np.ndarray | None:
+        """Per-token value scale exponents ``ndarray[L, H, T]``, int8 (None when the chunk has none)."""
+        h = self.header
+        if not h.value_scales:
+            return None
+        layers, _, heads, tokens, _ = h.shape
+        n = layers * heads * tokens
+        packed = np.frombuffer(self.data, dtype=np.uint8, count=(n + 1) // 2, offset=h.value_exp_offset)
+        nib = np.empty(2 * packed.size, dtype=np.int8)
+        nib[0::2] = packed & 15
+        nib[1::2] = packed >> 4
+        return (nib[:n] - 8).reshape(layers, heads, tokens)
+
     def finish(self, coded):
         """:func:`~kvrecall.encoder.tables.finish_symbols` with this chunk's delta flags and escapes (in place)."""
         return finish_symbols(coded, self.header.delta, self.header.n_escapes, self.escape_values())
@@ -543,8 +566,10 @@ def _to_quantized(p: ParsedChunk, coded6: np.ndarray | None) -> QuantizedChunk:
     if h.n_exact:
         tokens = torch.from_numpy(p.exact_tokens().astype(np.int64))
         values = p.exact_values().clone()
+    vexp = p.value_exp()
     return QuantizedChunk(
-        torch.from_numpy(sym), p.step, p.offset, h.dtype, h.level, h.profile_id, h.keys_pre_rope, tokens, values
+        torch.from_numpy(sym), p.step, p.offset, h.dtype, h.level, h.profile_id, h.keys_pre_rope, tokens, values,
+        None if vexp is None else torch.from_numpy(vexp),
     )
 
 
@@ -561,6 +586,9 @@ def _dequantize_coded(p: ParsedChunk, coded6: np.ndarray | None, dtype: torch.dt
     x = np.empty(h.shape, dtype=np.float32)
     x6 = x.reshape(coded6.shape)
     np.multiply(coded6, step, out=x6, dtype=np.float32)
+    vexp = p.value_exp()
+    if vexp is not None:
+        x6[:, 1] *= value_scales(torch.from_numpy(vexp)).numpy()[..., None, None]
     x6 += offset
     out = torch.from_numpy(x)
     if h.n_exact:

@@ -32,6 +32,7 @@ HEADER_SIZE_V1 = _HEAD_V1.size
 FLAG_KEYS_PRE_ROPE = 1
 FLAG_PROFILE = 2
 FLAG_LOSSLESS = 4
+FLAG_VALUE_SCALES = 8
 LOSSLESS_LEVEL_CODE = 255  # level byte of a lossless chunk
 LOSSLESS = "lossless"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -70,6 +71,10 @@ class ChunkHeader:
         Tokens stored exactly (their symbols are 0; their values come from the exact section).
     exact_dtype : torch.dtype
         dtype of the exact section's values.
+    value_scales : bool
+        Whether section 4.4c holds per-token value scale exponents (4 bits per (layer, head, token)).
+    value_exp_offset : int
+        Its byte offset.
     exact_offset : int
         Byte offset of the exact section: ``i32 token[n_exact]`` ascending, then values ``[L, 2, H, n_exact, D]``.
     stream_word_counts, stream_word_offsets : ndarray[n_streams], int64
@@ -99,6 +104,8 @@ class ChunkHeader:
     n_exact: int = 0
     exact_dtype: torch.dtype = torch.float16
     exact_offset: int = 0
+    value_scales: bool = False
+    value_exp_offset: int = 0
     payload_offset: int = 0
     payload_words: int = 0
     total_len: int = 0
@@ -134,12 +141,20 @@ def pack_chunk(
     words: np.ndarray,
     exact_tokens: np.ndarray | None = None,
     exact_values: torch.Tensor | None = None,
+    value_exp: np.ndarray | None = None,
 ) -> bytes:
     """Serialize one chunk (see ``docs/format.md``). Inputs are trusted (they come from the encoder)."""
     layers, _, heads, tokens, head_dim = shape
     lossless = level == LOSSLESS
     flags = (FLAG_KEYS_PRE_ROPE if keys_pre_rope else 0) | (FLAG_PROFILE if profile_id else 0)
     flags |= FLAG_LOSSLESS if lossless else 0
+    flags |= FLAG_VALUE_SCALES if value_exp is not None else 0
+    vexp = b""
+    if value_exp is not None:
+        nib = (np.asarray(value_exp, dtype=np.int16).ravel() + 8).astype(np.uint8)
+        if nib.size % 2:
+            nib = np.append(nib, np.uint8(0))
+        vexp = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
     pid = profile_id.encode("ascii") if profile_id else b"\0" * 16
     n_exact = 0 if exact_tokens is None else int(len(exact_tokens))
     exact_code = DTYPE_CODES[exact_values.dtype] if n_exact else DTYPE_CODES[torch.float16]
@@ -161,6 +176,7 @@ def pack_chunk(
             tables,
             np.asarray(word_counts, dtype="<u4").tobytes(),
             np.asarray(escapes, dtype="<i4").tobytes(),
+            vexp,
             exact,
             np.asarray(words, dtype="<u2").tobytes(),
         ]
@@ -215,7 +231,7 @@ def parse_header(data: bytes | bytearray | memoryview) -> ChunkHeader:
         raise CodecError(f"chunk has invalid rANS scale_bits {scale_bits}")
     if min(layers, heads, head_dim, tokens, group) < 1 or head_dim % group:
         raise CodecError(f"chunk has invalid shape fields L={layers} H={heads} T={tokens} D={head_dim} G={group}")
-    if flags & ~(FLAG_KEYS_PRE_ROPE | FLAG_PROFILE | FLAG_LOSSLESS):
+    if flags & ~(FLAG_KEYS_PRE_ROPE | FLAG_PROFILE | FLAG_LOSSLESS | FLAG_VALUE_SCALES):
         raise CodecError(f"chunk has unknown flags {flags:#x}")
     has_profile = bool(flags & FLAG_PROFILE)
     if has_profile:
@@ -231,8 +247,11 @@ def parse_header(data: bytes | bytearray | memoryview) -> ChunkHeader:
         profile_id = None
         if pid != b"\0" * 16:
             raise CodecError("chunk without a profile has a non-empty profile id")
+    value_scales = bool(flags & FLAG_VALUE_SCALES)
+    if version < 2 and (lossless or value_scales):
+        raise CodecError(f"version-1 chunk has version-2 flags {flags:#x}")
     if lossless:
-        if has_profile or scales_len or tables_len or n_streams or n_escapes or payload_words:
+        if value_scales or has_profile or scales_len or tables_len or n_streams or n_escapes or payload_words:
             raise CodecError("lossless chunk must carry only its exact section")
         if n_exact != tokens or exact_code != dtype_code:
             raise CodecError("lossless chunk must store every token exactly in its own dtype")
@@ -260,6 +279,8 @@ def parse_header(data: bytes | bytearray | memoryview) -> ChunkHeader:
     off += 4 * n_streams
     esc_off = off
     off += 4 * n_escapes
+    vexp_off = off
+    off += (layers * heads * tokens + 1) // 2 if value_scales else 0
     exact_off = off
     off += n_exact * 4 + n_exact * layers * 2 * heads * head_dim * EXACT_ITEMSIZE[exact_code]
     payload_off = off
@@ -305,6 +326,8 @@ def parse_header(data: bytes | bytearray | memoryview) -> ChunkHeader:
         n_exact=n_exact,
         exact_dtype=_CODE_DTYPES[exact_code],
         exact_offset=exact_off,
+        value_scales=value_scales,
+        value_exp_offset=vexp_off,
         payload_offset=payload_off,
         payload_words=payload_words,
         total_len=n,

@@ -38,7 +38,14 @@ __all__ = [
     "find_sink_tokens",
     "exact_dtype_for",
     "with_exact_tokens",
+    "VALUE_SCALE_TABLE",
+    "value_token_exponents",
 ]
+
+#: Per-token value scale factors: exponent ``e`` in ``[-8, 7]`` means ``2 ** (e / 4)`` (quarter octaves, +-2 octaves).
+#: The decoder multiplies ``float32(q) * step`` by ``VALUE_SCALE_TABLE[e + 8]`` (float32, this exact table).
+VALUE_SCALE_TABLE = np.exp2(np.arange(-8, 8, dtype=np.float64) / 4).astype(np.float32)
+VALUE_EXP_MIN, VALUE_EXP_MAX = -8, 7
 
 #: Level name of the lossless mode: every value stored in its own dtype (no quantization, no streams).
 LOSSLESS = "lossless"
@@ -105,6 +112,9 @@ class QuantizedChunk:
         Tokens stored exactly (attention sinks; every token at level ``"lossless"``); their symbols are 0.
     exact_values : Tensor[L, 2, H, n, D], optional
         Their values, in fp16/bf16/fp32 (:func:`exact_dtype_for`); :func:`dequantize` writes them back.
+    value_exp : Tensor[L, H, T], int8, optional
+        Per-token value scale exponents (:func:`value_token_exponents`): value ``t`` of (layer, head) is
+        ``float32(float32(q) * step) * VALUE_SCALE_TABLE[e + 8] + offset``. None: no per-token scales.
     """
 
     symbols: torch.Tensor
@@ -116,6 +126,7 @@ class QuantizedChunk:
     keys_pre_rope: bool = True
     exact_tokens: torch.Tensor | None = None
     exact_values: torch.Tensor | None = None
+    value_exp: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -142,15 +153,51 @@ def check_kv(kv: torch.Tensor) -> None:
         raise CodecError("kv contains NaN or infinite values")
 
 
+def value_token_exponents(values: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Per-token scale exponents of values ``[L, H, T, D]`` (offsets ``[L, H, D]``): KIVI-style per-token steps.
+
+    ``e = clip(round(4 * log2(rms_t / median_t rms_t)), -8, 7)`` per (layer, head), ``rms_t`` the RMS of token
+    ``t``'s offset-removed values: a token's step follows its own magnitude (quarter-octave resolution), relative
+    to the chunk's median token, so the profile's step stays the step of a typical token.
+
+    Returns
+    -------
+    Tensor[L, H, T], int8
+    """
+    x = values.detach().to("cpu", torch.float32) - offset.to(torch.float32)[:, :, None, :]
+    rms = x.pow(2).mean(dim=-1).sqrt()
+    ref = rms.median(dim=-1, keepdim=True).values.clamp_min(1e-30)
+    e = torch.round(4 * torch.log2(rms.clamp_min(1e-30) / ref))
+    return e.clamp_(VALUE_EXP_MIN, VALUE_EXP_MAX).to(torch.int8)
+
+
+def value_scales(value_exp: torch.Tensor) -> torch.Tensor:
+    """``VALUE_SCALE_TABLE[e + 8]``: Tensor[L, H, T], float32."""
+    return torch.from_numpy(VALUE_SCALE_TABLE)[value_exp.to(torch.int64) + 8]
+
+
 def quantize_with(
-    kv: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, level: str, profile_id: str | None, keys_pre_rope: bool
+    kv: torch.Tensor,
+    step: torch.Tensor,
+    offset: torch.Tensor,
+    level: str,
+    profile_id: str | None,
+    keys_pre_rope: bool,
+    value_exp: torch.Tensor | None = None,
 ) -> QuantizedChunk:
-    """Quantize ``kv`` ``[L, 2, H, T, D]`` with the given ``step``/``offset`` ``[L, 2, H, D]`` (float32)."""
+    """Quantize ``kv`` ``[L, 2, H, T, D]`` with the given ``step``/``offset`` ``[L, 2, H, D]`` (float32) and, for
+    values, the per-token scale exponents ``value_exp`` ``[L, H, T]`` (int8, optional)."""
     x = kv.detach().to("cpu", torch.float32)
     st = step.to(torch.float32)[:, :, :, None, :]
     off = offset.to(torch.float32)[:, :, :, None, :]
+    if value_exp is not None:
+        st = st.expand(x.shape).clone()
+        st[:, 1] = st[:, 1] * value_scales(value_exp)[..., None]
     q = torch.round((x - off) / st).clamp_(-SYMBOL_LIMIT, SYMBOL_LIMIT).to(torch.int16)
-    return QuantizedChunk(q, step.to(torch.float32), offset.to(torch.float32), kv.dtype, level, profile_id, keys_pre_rope)
+    return QuantizedChunk(
+        q, step.to(torch.float32), offset.to(torch.float32), kv.dtype, level, profile_id, keys_pre_rope,
+        value_exp=value_exp,
+    )
 
 
 def dequantize(q: QuantizedChunk, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -158,6 +205,8 @@ def dequantize(q: QuantizedChunk, dtype: torch.dtype | None = None, device: str 
     step = q.step.to(torch.float32).numpy()[:, :, :, None, :]
     offset = q.offset.to(torch.float32).numpy()[:, :, :, None, :]
     x = np.multiply(q.symbols.numpy(), step, dtype=np.float32)  # numpy: single-threaded, no torch thread contention
+    if q.value_exp is not None:
+        x[:, 1] *= value_scales(q.value_exp).numpy()[..., None]
     x += offset
     out = torch.from_numpy(x)
     if q.n_exact:

@@ -15,7 +15,8 @@ Decodes chunks of the codec's format (``docs/format.md``, reference decoder :mod
    :func:`kvrecall.encoder.decode_symbols` on every input (or both raise).
 4. ``_dequant_kernel`` — ``x = float32(q) * step + offset`` (no fused multiply-add, like numpy) cast to the
    destination dtype and stored at token offset ``start`` of a ``[L, 2, H, T_dest, D]`` destination (any strides,
-   channels contiguous), e.g. a preallocated cache; then the chunk's exactly stored tokens (format v2: attention
+   channels contiguous), e.g. a preallocated cache; values of chunks with per-token scales (format v2) are
+   ``float32(q * step) * VALUE_SCALE_TABLE[e + 8] + offset``; then the chunk's exactly stored tokens (format v2: attention
    sinks; every token of a lossless chunk) are written over their rows.
 
 Reference twins: :func:`decode_symbols_reference` / :func:`decode_reference` (the CPU codec).
@@ -96,9 +97,10 @@ def _rans_decode_kernel(
 
 @triton.jit
 def _dequant_kernel(
-    CODED, STEP, OFFSET, OUT, tokens, heads, start,
+    CODED, STEP, OFFSET, VEXP, SCALES, OUT, tokens, heads, start,
     stride_ol, stride_okv, stride_oh, stride_ot,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_T: tl.constexpr, OUT_BF16: tl.constexpr,
+    HAS_VSCALE: tl.constexpr,
 ):
     lkh = tl.program_id(0).to(tl.int64)  # flat (layer, K/V, head)
     h = lkh % heads
@@ -113,7 +115,13 @@ def _dequant_kernel(
     q = tl.load(CODED + (lkh * tokens + t.to(tl.int64))[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0)
     step = tl.load(STEP + lkh * HEAD_DIM + d, mask=dm, other=0.0)
     offset = tl.load(OFFSET + lkh * HEAD_DIM + d, mask=dm, other=0.0)
-    x = q.to(tl.float32) * step[None, :] + offset[None, :]  # launched with enable_fp_fusion=False
+    x = q.to(tl.float32) * step[None, :]  # launched with enable_fp_fusion=False: rounds like numpy
+    if HAS_VSCALE:  # values: float32(q * step) * VALUE_SCALE_TABLE[e + 8], e per (layer, head, token)
+        e = tl.load(VEXP + (layer * heads + h) * tokens + t.to(tl.int64), mask=tm, other=0).to(tl.int32)
+        scale = tl.load(SCALES + e + 8, mask=tm, other=1.0)  # (keys read a valid entry too, then use 1)
+        scale = tl.where(kv == 1, scale, 1.0)
+        x = x * scale[:, None]
+    x = x + offset[None, :]
     row = layer * stride_ol + kv * stride_okv + h * stride_oh + (start + t.to(tl.int64)) * stride_ot
     if OUT_BF16:  # round to nearest even by hand (torch's rule; the interpreter's own cast truncates)
         bits = x.to(tl.uint32, bitcast=True)
@@ -250,6 +258,16 @@ def _finish_symbols(p, coded: torch.Tensor) -> torch.Tensor:
     return p.finish(coded)
 
 
+def _value_scale_table(device: torch.device) -> torch.Tensor:
+    """The codec's per-token value scale factors (``VALUE_SCALE_TABLE``, float32[16]) on ``device``."""
+    from kvrecall.encoder.quantize import VALUE_SCALE_TABLE
+
+    key = ("value_scales", str(device))
+    if key not in _TABLE_CACHE:
+        _TABLE_CACHE[key] = torch.from_numpy(VALUE_SCALE_TABLE.copy()).to(device)
+    return _TABLE_CACHE[key]
+
+
 def _check_device(device) -> torch.device:
     device = torch.device(device)
     check_launchable(_rans_decode_kernel, device)
@@ -327,11 +345,13 @@ def decode_into(chunks, out: torch.Tensor, profile=None, start: int = 0) -> int:
         offset = p.offset.to(device, torch.float32).contiguous()
         block_t = 16 if device.type == "cuda" else 32
         bf16 = out.dtype == torch.bfloat16
+        vexp = p.value_exp()
+        vexp_dev = torch.from_numpy(vexp if vexp is not None else np.zeros(1, np.int8)).to(device).contiguous()
         _dequant_kernel[(layers * 2 * heads, triton.cdiv(tokens, block_t))](
-            symbols, step, offset, out.view(torch.int16) if bf16 else out, tokens, heads, pos,
-            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+            symbols, step, offset, vexp_dev, _value_scale_table(device), out.view(torch.int16) if bf16 else out,
+            tokens, heads, pos, out.stride(0), out.stride(1), out.stride(2), out.stride(3),
             HEAD_DIM=head_dim, DIM_PAD=next_power_of_2(head_dim), BLOCK_T=block_t, OUT_BF16=bf16,
-            enable_fp_fusion=False,
+            HAS_VSCALE=vexp is not None, enable_fp_fusion=False,
         )
         if p.header.n_exact:  # exactly stored tokens (attention sinks) overwrite their dequantized rows
             idx = torch.from_numpy(p.exact_tokens().astype(np.int64)).to(out.device) + pos
@@ -371,15 +391,17 @@ def compile_variants():
              "OUT_BASE": "*i64", "OUT_TSTRIDE": "*i32", "LUT": "*i32", "VALUES": "*i32", "OUT": "*i32",
              "FINAL_X": "*i64", "FINAL_PTR": "*i64", "SCALE_BITS": "constexpr", "BLOCK": "constexpr"}
     sig = {n: types.get(n, "i32") for n in dec}
-    deq = ("CODED STEP OFFSET OUT tokens heads start stride_ol stride_okv stride_oh stride_ot "
+    deq = ("CODED STEP OFFSET VEXP SCALES OUT tokens heads start stride_ol stride_okv stride_oh stride_ot "
            "HEAD_DIM DIM_PAD BLOCK_T").split()
     out = [("rans_decode: decode streams", _rans_decode_kernel, sig, dict(SCALE_BITS=12, BLOCK=32))]
     for dt in ("fp16", "bf16"):
-        types = {"CODED": "*i32", "STEP": "*fp32", "OFFSET": "*fp32", "OUT": "*i16" if dt == "bf16" else "*fp16",
-                 "HEAD_DIM": "constexpr", "DIM_PAD": "constexpr", "BLOCK_T": "constexpr", "OUT_BF16": "constexpr"}
-        sig = {n: types.get(n, "i32") for n in deq + ["OUT_BF16"]}
+        types = {"CODED": "*i32", "STEP": "*fp32", "OFFSET": "*fp32", "VEXP": "*i8", "SCALES": "*fp32",
+                 "OUT": "*i16" if dt == "bf16" else "*fp16", "HEAD_DIM": "constexpr", "DIM_PAD": "constexpr",
+                 "BLOCK_T": "constexpr", "OUT_BF16": "constexpr", "HAS_VSCALE": "constexpr"}
+        sig = {n: types.get(n, "i32") for n in deq + ["OUT_BF16", "HAS_VSCALE"]}
         out.append((f"rans_decode: dequantize to {dt}", _dequant_kernel, sig,
-                    dict(HEAD_DIM=128, DIM_PAD=128, BLOCK_T=16, OUT_BF16=dt == "bf16", enable_fp_fusion=False)))
+                    dict(HEAD_DIM=128, DIM_PAD=128, BLOCK_T=16, OUT_BF16=dt == "bf16", HAS_VSCALE=True,
+                         enable_fp_fusion=False)))
     return out
 
 

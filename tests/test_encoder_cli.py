@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from kvrecall.cli import main
 
 
@@ -60,3 +62,16 @@ def test_calibrate_codec_says_when_texts_run_short(stories_path, texts_path, tmp
     err = capsys.readouterr().err
     assert "supply only" in err and "of the 5000 requested tokens" in err
     assert out.is_file()
+
+
+def test_calibrate_codec_sensitivity_allocation(stories_path, texts_path, tmp_path, capsys):
+    from kvrecall.encoder import CodecProfile
+
+    out = tmp_path / "p.safetensors"
+    assert main(["calibrate-codec", "--model", str(stories_path), "--texts", str(texts_path / "gutenberg"),
+                 "--out", str(out), "--max-tokens", "300", "--allocation", "sensitivity"]) == 0
+    p = CodecProfile.load(out)
+    assert p.info["allocation"] == "sensitivity"
+    scales = np.array(p.info["group_scales"])
+    assert scales.shape == (p.num_layers, 2) and abs(np.log(scales).mean()) < 1e-4
+    assert not np.allclose(scales, scales[0, 0])  # measured, not uniform

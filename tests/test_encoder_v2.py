@@ -1,10 +1,12 @@
-"""Format version 2 on SmolLM2: attention sinks stored exactly, the lossless mode, version-1 chunks still read."""
+"""Format version 2 on SmolLM2: attention sinks stored exactly, per-token value scales, the lossless mode,
+version-1 chunks still read."""
 
 from __future__ import annotations
 
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,15 +54,16 @@ def test_sink_token_found_on_smollm2_and_nowhere_else(smol_case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_smollm2_roundtrip_every_level_and_dtype(smol_case, dtype):
     _, kv, _, profile = smol_case
-    x = kv.to(dtype)
-    for level in (*LEVELS, LOSSLESS):
+    x = kv[:, :, :, :96].contiguous().to(dtype)  # SmolLM2-shaped: 30 layers, 3 KV heads, head_dim 64
+    levels = (*LEVELS, LOSSLESS) if dtype == torch.float32 else (LEVELS[0], LEVELS[-1], LOSSLESS)
+    for level in levels:
         for prof in (profile, None):
             data = encode(x, prof, level)
             got = decode(data, prof)
             want = dequantize(quantize(x, prof, level))
             assert torch.equal(got, want), (level, prof is None)
             h = parse_header(data)
-            assert h.version == 2 and h.level == level
+            assert h.version == 2 and h.level == level and h.value_scales == (level != LOSSLESS)
             if level == LOSSLESS:
                 assert torch.equal(got, x)  # bit-exact in the input dtype
                 assert h.n_exact == x.shape[3] and h.n_streams == 0
@@ -88,6 +91,24 @@ def test_sink_exact_lowers_next_token_kl_on_smollm2(smol_case):
     assert kl(decode(encode(kv, None, LOSSLESS))) == 0.0
 
 
+def test_value_token_scales_follow_each_tokens_magnitude(smol_case):
+    from kvrecall.encoder.quantize import VALUE_SCALE_TABLE, value_token_exponents
+
+    _, kv, _, profile = smol_case
+    data = encode(kv, profile, "medium")
+    e = torch.from_numpy(parse_chunk(data, profile).value_exp().copy())
+    assert e.shape == (kv.shape[0], kv.shape[2], kv.shape[3])
+    assert torch.equal(e, value_token_exponents(kv[:, 1], torch.from_numpy(profile.offset)[:, 1]))
+    assert e.min() >= -8 and e.max() <= 7 and (e != 0).float().mean() > 0.3  # real tokens vary in magnitude
+    assert torch.equal(e.median(dim=-1).values, torch.zeros_like(e[..., 0]))  # relative to the median token
+    # a token scaled 4x gets exponent +8 (clipped to 7): its step is 2**(7/4) times the median token's
+    x = kv.clone()
+    x[:, 1, :, 50] = torch.from_numpy(profile.offset)[:, 1] + 4 * (kv[:, 1, :, 50] - torch.from_numpy(profile.offset)[:, 1])
+    e2 = parse_chunk(encode(x, profile, "medium"), profile).value_exp()
+    assert (e2[..., 50] >= np.minimum(e.numpy()[..., 50] + 7, 7)).all()
+    assert abs(float(VALUE_SCALE_TABLE[7 + 8]) - 2 ** (7 / 4)) < 1e-6
+
+
 def test_encode_many_and_decode_many_with_exact_and_lossless(smol_case):
     _, kv, _, profile = smol_case
     chunks = [kv[:, :, :, :128].contiguous(), kv[:, :, :, 128:].contiguous()]
@@ -102,20 +123,23 @@ def test_encode_many_and_decode_many_with_exact_and_lossless(smol_case):
 
 
 def _as_version1(data: bytes) -> bytes:
-    """A version-2 chunk without exact tokens rewritten as the version-1 bytes it was identical to."""
-    assert parse_header(data).n_exact == 0
+    """A version-2 chunk without version-2 features rewritten as the version-1 bytes it is identical to."""
     body = bytearray(data[:HEADER_SIZE_V1]) + data[HEADER_SIZE:-4]
     body[4] = 1
     return bytes(body) + struct.pack("<I", zlib.crc32(body))
 
 
 def test_version1_chunks_still_decode_and_unknown_versions_are_refused(smol_case):
-    _, kv, _, profile = smol_case
-    for prof in (profile, None):
-        v2 = encode(kv, prof, "medium", exact_tokens=torch.zeros(0, dtype=torch.int64))
-        v1 = _as_version1(v2)
-        assert parse_header(v1).version == 1
-        assert torch.equal(decode(v1, prof), decode(v2, prof))
+    _, kv, _, _ = smol_case
+    plain = CodecProfile.calibrate([kv], "smollm2-v1", value_token_scales=False)  # what version 1 coded
+    v2 = encode(kv, plain, "medium", exact_tokens=torch.zeros(0, dtype=torch.int64))
+    h = parse_header(v2)
+    assert h.n_exact == 0 and not h.value_scales
+    v1 = _as_version1(v2)
+    assert parse_header(v1).version == 1
+    assert torch.equal(decode(v1, plain), decode(v2, plain))
+    with pytest.raises(CodecError, match="version-1 chunk has version-2 flags"):
+        decode(_as_version1(encode(kv[:, :, :, 1:].contiguous(), None, "medium")), None)  # value scales: v2 only
     bad = bytearray(v2)
     bad[4] = 3
     with pytest.raises(CodecError, match="version 3 .*reads versions 1, 2"):

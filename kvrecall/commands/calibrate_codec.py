@@ -29,6 +29,9 @@ def register(subparsers) -> None:
                    help=f"tables per layer and K/V (default {defaults.CODEC_TABLE_GROUPS})")
     p.add_argument("--level", default=defaults.CODEC_LEVEL,
                    help=f"level whose bits per element on the calibration KV are reported (default {defaults.CODEC_LEVEL})")
+    p.add_argument("--allocation", choices=("sensitivity", "layer-groups"), default="layer-groups",
+                   help="bits per (layer, K/V): fixed early-layers-finer factors (default) or from the model's measured "
+                        "KL sensitivity on the first calibration text (2L extra forward passes; lost on SmolLM2)")
     p.add_argument("--importance-power", type=float, default=0.5,
                    help="key channel steps ~ (query energy)**-power (default 0.5); 0 disables the weighting")
     p.set_defaults(func=run)
@@ -69,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model)
         texts = read_texts(args.texts)
         with tqdm(total=args.max_tokens, desc="prefill", unit="tok", file=sys.stderr) as bar:
-            kvs, qs = collect_calibration_kv(
-                model, tokenizer, texts, args.max_tokens, args.max_context, progress=bar.update
+            kvs, qs, ids = collect_calibration_kv(
+                model, tokenizer, texts, args.max_tokens, args.max_context, progress=bar.update, return_ids=True
             )
         got = sum(k.shape[3] for k in kvs)
         if got < args.max_tokens:
@@ -89,16 +92,37 @@ def run(args: argparse.Namespace) -> int:
                 bar.n = done
                 bar.refresh()
 
-            profile = calibrate_profile(
-                kvs,
-                model_fingerprint(args.model),
-                key_importance=key_w,
-                importance_power=args.importance_power,
-                n_groups=args.groups,
-                info={"model_path_name": str(args.model).rstrip("/").split("/")[-1], "texts": len(kvs),
-                      "requested_tokens": args.max_tokens},
-                progress=step,
-            )
+            def calibrate(group_scales=None):
+                return calibrate_profile(
+                    kvs,
+                    model_fingerprint(args.model),
+                    key_importance=key_w,
+                    importance_power=args.importance_power,
+                    group_scales=group_scales,
+                    n_groups=args.groups,
+                    info={"model_path_name": str(args.model).rstrip("/").split("/")[-1], "texts": len(kvs),
+                          "requested_tokens": args.max_tokens, "allocation": args.allocation},
+                    progress=step,
+                )
+
+            profile = calibrate()
+        if args.allocation == "sensitivity":
+            from kvrecall.encoder.sensitivity import group_scales_from_sensitivity, measure_sensitivity
+
+            first = ids[0]
+            split = min(first.numel() - 2, max(first.numel() * 7 // 8, first.numel() - 128))
+            if split < 8:
+                raise CodecError(f"--allocation sensitivity needs a first calibration text of >= 10 tokens, got {first.numel()}")
+            with tqdm(total=2 * info.num_layers, desc="sensitivity", unit="group", file=sys.stderr) as bar:
+
+                def moved(done: int, total: int) -> None:
+                    bar.n = done
+                    bar.refresh()
+
+                sens = measure_sensitivity(model, kvs[0][:, :, :, :split].contiguous(), first[split:], profile,
+                                           progress=moved)
+            with tqdm(total=1, desc="tables", unit="level", file=sys.stderr) as bar:
+                profile = calibrate(group_scales_from_sensitivity(sens))
         path = profile.save(args.out)
         sample = kvs[0][:, :, :, : defaults.CHUNK_TOKENS].contiguous()
         bits = len(encode(sample, profile, args.level)) * 8 / sample.numel()
