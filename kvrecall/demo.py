@@ -93,6 +93,24 @@ def _bar(cfg: DemoConfig, total: int, desc: str):
     return tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False)
 
 
+def _check(cfg: DemoConfig) -> None:
+    """Reject bad settings before the (slow) model load and calibrations."""
+    from kvrecall.context_cache import AUTO
+    from kvrecall.encoder import LEVELS
+    from kvrecall.loading_raw import RAW_LEVELS
+
+    if cfg.level != AUTO and cfg.level not in (*LEVELS, *RAW_LEVELS):
+        raise DemoError(f"unknown --level {cfg.level!r}; choose auto or one of {', '.join((*LEVELS, *RAW_LEVELS))}")
+    if cfg.context_tokens < 64:
+        raise DemoError(f"--tokens must be >= 64, got {cfg.context_tokens}")
+    if cfg.chunk_tokens < 1:
+        raise DemoError(f"--chunk-tokens must be >= 1, got {cfg.chunk_tokens}")
+    if not 0 < cfg.budget <= 1 and not (cfg.budget > 1 and float(cfg.budget).is_integer()):
+        raise DemoError(f"--budget must be a fraction in (0, 1] or a whole token count, got {cfg.budget}")
+    if not Path(cfg.texts).is_dir():
+        raise DemoError(f"text folder not found: {cfg.texts}")
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the three requests and print the table; returns the figures as a dict."""
     from kvrecall.context_cache import ContextCache
@@ -102,6 +120,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from kvrecall.passcode import ANSWER_TOKENS, make_case
     from kvrecall.retriever import calibrate
 
+    _check(cfg)
     torch.manual_seed(cfg.seed)
     with _bar(cfg, 4, "setup: model, codec profile, retriever profile, prompt") as bar:
         t0 = time.perf_counter()

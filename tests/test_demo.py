@@ -21,3 +21,10 @@ def test_demo_fast_run_end_to_end(stories_path, texts_path, tmp_path, capsys):
     assert 0 <= r["kl_loaded"] < 0.1  # "medium" keeps the next token's distribution close to recompute
     assert r["resident_bytes"]["retrieval"] < r["resident_bytes"]["dense_fp16"]
     assert set(r["answers"]) == {"recompute", "loaded", "retrieval"} and all(map(str, r["answers"].values()))
+
+
+def test_demo_rejects_bad_settings_before_loading_anything(texts_path, tmp_path, capsys):
+    assert main(["demo", "--texts", str(texts_path), "--level", "nope"]) == 2
+    assert "unknown --level 'nope'" in capsys.readouterr().err
+    assert main(["demo", "--texts", str(tmp_path / "missing")]) == 2
+    assert main(["demo", "--texts", str(texts_path), "--tokens", "10"]) == 2
