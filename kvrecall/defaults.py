@@ -40,6 +40,15 @@ RETRIEVAL_BUDGET = 0.03
 """Fraction of the context (or a token count when > 1) selected per decode step."""
 RETRIEVAL_SINKS = 8
 RETRIEVAL_WINDOW = 64
+RETRIEVAL_OFFLOAD = "exact"
+"""Working form of offloaded rows: 'exact' (model dtype), 'float16', 'int8' or 'int4'."""
+RETRIEVAL_SCORER = "banded"
+"""How a decode step scores codes: 'banded' (positional near the query, one LUT per distance band far away),
+'positional' or 'windowed' (see docs/retrieval-decoding.md)."""
+RETRIEVAL_NEAR = 1024
+"""Tokens nearer than this to the query are scored at their exact positions by the banded scorer."""
+RETRIEVAL_BAND_RATIO = 2.0
+"""Width ratio of the banded scorer's distance bands ([d, ratio * d))."""
 PREFILL_CHUNK = 1024
 """Prompt tokens prefilled at a time by caches that bound prefill memory."""
 
