@@ -1,5 +1,6 @@
-"""CacheGen-style KV codec: per-channel uniform quantization with per-layer-group steps, optional delta coding
-along tokens, and static-table rANS over many independent streams.
+"""CacheGen-style KV codec: per-channel uniform quantization with per-layer-group steps, per-token value scales and
+attention sinks stored exactly (format 2, designed on SmolLM2: ``docs/codec.md``), optional delta coding along
+tokens, and static-table rANS over many independent streams; ``level="lossless"`` stores every value exactly.
 
 Public API::
 
@@ -33,13 +34,14 @@ from kvrecall.encoder.errors import CodecError
 from kvrecall.encoder.format import ChunkHeader, parse_header
 from kvrecall.encoder.profile import CodecProfile
 from kvrecall.encoder.tables import finish_symbols
-from kvrecall.encoder.quantize import LEVELS, QuantizedChunk, dequantize
+from kvrecall.encoder.quantize import LEVELS, LOSSLESS, QuantizedChunk, dequantize
 
 __all__ = [
     "CodecError",
     "CodecProfile",
     "ChunkHeader",
     "LEVELS",
+    "LOSSLESS",
     "QuantizedChunk",
     "encode",
     "encode_many",
