@@ -1,0 +1,100 @@
+"""Block scorers of a :class:`~kvrecall.stream_session.StreamSession`: which offloaded blocks an ``ask`` loads.
+
+Every scorer returns ``Tensor[layers, n_blocks]`` (higher is better; a ``[n_blocks]`` result is used for every
+layer):
+
+``mean_key_scores`` (ReKV, ``scorer="mean-key"``)
+    Each block's summary is the mean of its pre-RoPE keys per layer (all KV heads concatenated), held in one
+    FAISS inner-product index per layer; the question's pre-RoPE queries, averaged over tokens and over each GQA
+    group, are searched against it.
+``code_scores`` (ours, ``scorer="codes"``)
+    Every stored token keeps its query-aware VQ code (:mod:`kvrecall.retriever`); the question's queries score
+    all codes at the profile's fixed distance (A²ATS's windowed LUT, position-free like the blocks' placement),
+    scores become attention weights over all stored tokens per (question token, head), and a block's score is
+    the attention mass its tokens receive, averaged over question tokens and heads.
+``EmbeddingBlockScorer`` (external, ``scorer=EmbeddingBlockScorer(embedder, tokenizer)``)
+    Cosine similarity of the question's text and each block's text under a sentence embedder (text streams
+    only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["mean_key_scores", "code_scores", "EmbeddingBlockScorer", "group_mean_queries"]
+
+
+def group_mean_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Pre-RoPE queries ``[layers, heads, tokens, dim]`` -> mean per GQA group ``[layers, kv_heads * dim]``."""
+    layers, heads, tokens, dim = q.shape
+    g = q.float().reshape(layers, kv_heads, heads // kv_heads, tokens, dim).mean(dim=(2, 3))
+    return g.reshape(layers, kv_heads * dim)
+
+
+def mean_key_scores(indexes: list, q: torch.Tensor, kv_heads: int, n_blocks: int) -> torch.Tensor:
+    """ReKV block scores from the per-layer FAISS indexes of mean keys: ``[layers, n_blocks]``."""
+    query = group_mean_queries(q, kv_heads).numpy().astype(np.float32)
+    out = torch.full((len(indexes), n_blocks), float("-inf"))
+    for layer, index in enumerate(indexes):
+        scores, ids = index.search(np.ascontiguousarray(query[layer : layer + 1]), n_blocks)
+        keep = ids[0] >= 0
+        out[layer, torch.from_numpy(ids[0][keep]).long()] = torch.from_numpy(scores[0][keep])
+    return out
+
+
+def code_scores(scorer, codes: torch.Tensor, q: torch.Tensor, block: int, distance: int) -> torch.Tensor:
+    """Attention mass per block estimated from key codes: ``[layers, n_blocks]``.
+
+    Parameters
+    ----------
+    scorer : kvrecall.retriever.fast_scoring.CodeScorer (``"windowed"``; its profile's ``window_distance``).
+    codes : Tensor[layers, kv_heads, n_blocks * block, m] — codes of every stored token, in stream order.
+    q : Tensor[layers, heads, tokens, dim] — the question's pre-RoPE queries.
+    block : tokens per block.
+    distance : the scorer's fixed query-key distance (for the position argument).
+    """
+    layers, heads, tokens, dim = q.shape
+    n = codes.shape[2]
+    out = torch.empty(layers, n // block)
+    scale = 1.0 / math.sqrt(dim)
+    for layer in range(layers):
+        qs = q[layer].permute(1, 0, 2).float()  # [tokens, heads, dim] as a batch of question tokens
+        c = codes[layer].unsqueeze(0).expand(tokens, *codes[layer].shape)
+        s = scorer.scores(layer, qs, c, 0, n, n + distance) * scale  # [tokens, heads, n]
+        mass = torch.softmax(s, dim=-1).reshape(tokens, heads, n // block, block).sum(-1)
+        out[layer] = mass.mean(dim=(0, 1))
+    return out
+
+
+class EmbeddingBlockScorer:
+    """External scorer: sentence-embedding similarity between the question's text and each block's text.
+
+    Parameters
+    ----------
+    embedder : kvrecall.embedder.Embedder
+    tokenizer : the LLM's tokenizer (decodes question and block token ids).
+    """
+
+    def __init__(self, embedder, tokenizer) -> None:
+        self.embedder, self.tokenizer = embedder, tokenizer
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __call__(self, session, question_ids: torch.Tensor) -> torch.Tensor:
+        from kvrecall.stream_blocks import StreamError
+
+        texts = []
+        for i, ids in enumerate(session.block_token_ids):
+            if ids is None:
+                raise StreamError("EmbeddingBlockScorer needs text blocks (this stream has inputs_embeds blocks)")
+            if i not in self._cache:
+                texts.append((i, self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)))
+        if texts:
+            vecs = self.embedder.embed([t for _, t in texts])
+            for (i, _), v in zip(texts, vecs):
+                self._cache[i] = v
+        q = self.embedder.embed([self.tokenizer.decode(question_ids.tolist(), skip_special_tokens=True)])[0]
+        mat = np.stack([self._cache[i] for i in range(len(session.block_token_ids))])
+        return torch.from_numpy(mat @ q)
