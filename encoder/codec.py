@@ -31,6 +31,7 @@ from kvrecall.encoder.quantize import (
     layer_step_factors,
     level_index,
     quantize_with,
+    VALUE_SCALE_MIN_HEAD_DIM,
     value_scales,
     value_token_exponents,
 )
@@ -172,13 +173,19 @@ def _quantize_steps(kv: torch.Tensor, profile: CodecProfile | None, li: int, key
         vexp = value_token_exponents(kv[:, 1], offset[:, 1]) if uses_value_scales(profile) else None
         return quantize_with(kv, step, offset, LEVELS[li], profile.profile_id, keys_pre_rope, vexp)
     step, offset, _ = _fallback_scales(kv, li)
-    return quantize_with(kv, step, offset, LEVELS[li], None, keys_pre_rope, value_token_exponents(kv[:, 1], offset[:, 1]))
+    return quantize_with(kv, step, offset, LEVELS[li], None, keys_pre_rope, _fallback_vexp(kv, offset))
 
 
-def uses_value_scales(profile: CodecProfile | None) -> bool:
-    """Whether chunks coded with ``profile`` carry per-token value scales (profiles calibrated with them; always
-    for self-contained chunks)."""
-    return profile is None or bool(profile.info.get("value_token_scales", False))
+def _fallback_vexp(kv: torch.Tensor, offset: torch.Tensor) -> torch.Tensor | None:
+    """Per-token value exponents of a self-contained chunk (when its head_dim makes them pay)."""
+    if kv.shape[4] < VALUE_SCALE_MIN_HEAD_DIM:
+        return None
+    return value_token_exponents(kv[:, 1], offset[:, 1])
+
+
+def uses_value_scales(profile: CodecProfile) -> bool:
+    """Whether chunks coded with ``profile`` carry per-token value scales (profiles calibrated with them)."""
+    return bool(profile.info.get("value_token_scales", False))
 
 
 # ---------------------------------------------------------------------------------------------------- encode
@@ -294,7 +301,7 @@ def _prepare(
         scales, tables = b"", b""
     else:
         step, offset, scales = _fallback_scales(kv, li)
-        q = quantize_with(kv, step, offset, LEVELS[li], None, keys_pre_rope, value_token_exponents(kv[:, 1], offset[:, 1]))
+        q = quantize_with(kv, step, offset, LEVELS[li], None, keys_pre_rope, _fallback_vexp(kv, offset))
         sinks = find_sink_tokens(kv) if exact_tokens is None else _check_exact_tokens(exact_tokens, tokens)
         q = with_exact_tokens(q, kv, sinks)
         scale_bits = DEFAULT_SCALE_BITS

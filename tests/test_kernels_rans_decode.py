@@ -113,18 +113,19 @@ def test_decode_into_strided_destination_mixed_tables(stories_profile_and_kv):
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
 def test_format_v2_exact_tokens_and_lossless_match_cpu_decoder(out_dtype):
-    """Format v2: a chunk with exactly stored tokens (an auto-detected sink and named ones) and a lossless chunk
-    decode on the kernel path exactly as on the CPU, in one launch, into consecutive destination tokens."""
-    kv = _kv((2, 2, 2, 12, 8), seed=int(torch.randint(0, 10**6, ()).item()), smooth=False)
+    """Format v2: chunks with per-token value scales and exactly stored tokens (an auto-detected sink, named ones)
+    and a lossless chunk decode on the kernel path exactly as on the CPU, in one launch, into consecutive tokens."""
+    kv = _kv((2, 2, 2, 12, 32), seed=int(torch.randint(0, 10**6, ()).item()), smooth=False)  # D=32: value scales
     kv[:, 1, :, 0] *= 1e-3  # token 0 is sink-like (values far smaller than the chunk's)
     sink = encode(kv, None, "medium")
     named = encode(kv.to(torch.bfloat16), None, "low", exact_tokens=torch.tensor([2, 7, 11]))
     lossless = encode(kv[:, :, :, :5].to(torch.float16), None, "lossless")
     assert [parse_header(c).n_exact for c in (sink, named, lossless)] == [1, 3, 5]
+    assert parse_header(sink).value_scales and parse_header(named).value_scales
     chunks = [sink, named, lossless]
     for data, symbols in zip(chunks, decode_symbols_gpu(chunks, device=DEV)):
         assert torch.equal(symbols.cpu(), decode_symbols_reference(data))
-    out = torch.full((2, 2, 2, 31, 8), 3.0, dtype=out_dtype, device=DEV)
+    out = torch.full((2, 2, 2, 31, 32), 3.0, dtype=out_dtype, device=DEV)
     assert decode_into(chunks, out, start=2) == 31
     want = torch.cat([decode_reference(c, dtype=out_dtype) for c in chunks], dim=3)
     assert torch.equal(out[:, :, :, 2:].cpu(), want) and torch.all(out[:, :, :, :2] == 3)
