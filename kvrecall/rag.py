@@ -143,8 +143,10 @@ class RagPipeline:
         self.last: RagAnswer | None = None
 
     # ------------------------------------------------------------------------------------------ corpus
-    def add_documents(self, texts: list[str]) -> list[int]:
+    def add_documents(self, texts: list[str], precompute: bool = True) -> list[int]:
         """Embed ``texts``, add them to the FAISS index and store each one's ``head + doc`` KV once.
+
+        With ``precompute=False`` a document's KV is computed and stored the first time an answer uses it.
 
         Returns
         -------
@@ -160,10 +162,20 @@ class RagPipeline:
             self.documents.append(text)
             self.doc_ids.append(ids)
             unit = torch.cat([self.layout.head_ids, ids])
-            if not self._stored(unit):  # never prefill a document whose KV is already in the store
+            if precompute and not self._stored(unit):  # never prefill a document whose KV is already in the store
                 self.cache.store(self.model, unit)
         self.index.add(np.ascontiguousarray(vectors))
         return list(range(first, len(self.documents)))
+
+    def ensure_stored(self, doc_ids: list[int]) -> int:
+        """Store the ``head + doc`` KV of the given documents if the store lacks it; returns how many were computed."""
+        computed = 0
+        for d in doc_ids:
+            unit = torch.cat([self.layout.head_ids, self.doc_ids[d]])
+            if not self._stored(unit):
+                self.cache.store(self.model, unit)
+                computed += 1
+        return computed
 
     def _stored(self, ids: torch.Tensor) -> bool:
         from kvrecall.kvstore import KVStoreError

@@ -90,6 +90,32 @@ def test_ask_before_append_answers_from_nothing(hd64, hd64_ids):
     assert out.tolist() == ref[0, 12:].tolist()[: out.numel()]
 
 
+@pytest.fixture(scope="module")
+def hd64_profile(hd64, hd64_ids):
+    from kvrecall.retriever import calibrate
+
+    model, _ = hd64
+    return calibrate(model, hd64_ids[:512], model_id="t", bits=6, niter=3, chunk=512, progress=False)
+
+
+def test_code_scorer_through_retrieval_cache(hd64, hd64_ids, hd64_profile):
+    """Codes score blocks; at answer budget 1.0 the RetrievalCache answer equals the dense assembled-cache one."""
+    model, _ = hd64
+    s = _stream(model, hd64_ids[:500], window=96, block=32, sinks=4, top_blocks=3, retriever_profile=hd64_profile)
+    assert s.scorer == "codes" and len(s._codes) == len(s.block_ranges)
+    assert s._codes[0].shape[:3] == (model.config.num_hidden_layers, model.config.num_key_value_heads, 32)
+    q = hd64_ids[500:510]
+    via_retrieval = s.ask(q, max_new_tokens=4)
+    chosen = s.last.blocks
+    assert all(len(row) == 3 for row in chosen) and model.config._attn_implementation == "sdpa"
+    s.retriever_profile, s.scorer = None, (lambda sess, ids: torch.zeros(len(sess.block_ranges)))
+    s.ask(q, max_new_tokens=1)  # ties: scores of the external scorer are used as they are
+    s.scorer = lambda sess, ids: torch.stack([torch.isin(torch.arange(len(sess.block_ranges)),
+                                                         torch.tensor(row)).float() for row in chosen])
+    dense = s.ask(q, max_new_tokens=4)  # the same blocks per layer, plain DynamicCache
+    assert s.last.blocks == chosen and dense.tolist() == via_retrieval.tolist()
+
+
 def test_close_and_reopen_from_the_store(hd64, hd64_ids, server):
     model, _ = hd64
     s = _stream(model, hd64_ids[:400], window=96, block=32, sinks=4, top_blocks=2, store=server)
@@ -157,13 +183,13 @@ def smol_stream(smollm2, texts_path):
 
     model, tok = smollm2
     layout = PromptLayout(tok)
-    text = read_texts(texts_path / "gutenberg")[0][1][5000:13000]
+    text = read_texts(texts_path / "gutenberg")[0][1][5000:14000]
     ids = layout.encode(plant_passcode(text, 0.25, CODE))
     s = StreamSession(model, window=256, block=64, top_blocks=4, scorer="mean-key")
     s.append(input_ids=layout.head_ids)
     for i in range(0, ids.numel(), 256):
         s.append(input_ids=ids[i : i + 256])
-    question = layout.encode("\n\nWhat is the passcode?" + layout._post)
+    question = torch.cat([layout.encode("\n\nWhat is the passcode?"), layout.encode(layout._post)])
     fact = [i for i, b in enumerate(s.block_token_ids) if CODE in tok.decode(b.tolist())]
     return s, tok, question, fact
 
