@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recompute", type=float, default=0.15)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--level", default="exact")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine more threads oversubscribe, measured 13x slower)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:

@@ -73,7 +73,7 @@ def sweep(model, tok, args, kind: str, rng) -> list[dict]:
     s = StreamSession(model, retriever_profile=None, window=args.window, block=args.block, level=args.level,
                       ram_bytes=1 << 40)
     hidden = model.config.hidden_size
-    scale = float(model.get_input_embeddings().weight.std())
+    scale = float(model.get_input_embeddings().weight.detach().std())
     ids = text_tokens(tok, args.texts, top, rng) if kind == "text" else None
     rows, marks = [], sorted(args.lengths)
     bar = tqdm(total=top, desc=f"append {kind}", unit="tok", file=sys.stdout)
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--cal-tokens", type=int, default=4096)
     ap.add_argument("--bits", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine more threads oversubscribe, measured 13x slower)")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-qa", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
