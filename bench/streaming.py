@@ -12,7 +12,8 @@ last ``--probe`` segments, the device-resident bytes (sinks + window KV), the ho
 
 Part 2 (quality): per stream length in ``--qa-lengths``, ``--cases`` streams of text with a passcode planted at a
 random depth (before the last window), the question asked after the stream. Methods on the same session:
-``codes`` (ours: VQ-code attention mass per block), ``mean-key`` (ReKV: FAISS over block mean keys),
+``codes`` (ours: VQ-code attention mass per block, one vote of all layers), ``codes-layer`` (the same scores,
+each layer its own blocks), ``mean-key`` (ReKV: FAISS over block mean keys, per layer), ``mean-key-glob``,
 ``window`` (no retrieval), ``true-pos`` (codes, blocks at their true positions), and ``full`` (dense prefill of
 stream + question, up to ``--full-max`` tokens). Reported: how often the block holding the fact is retrieved
 (fraction of layers; "any" = at least one layer) and answer accuracy.
@@ -130,10 +131,12 @@ def qa(model, tok, args, profile, rng) -> list[dict]:
             fact_blocks = {i for i, b in enumerate(s.block_token_ids) if code in tok.decode(b.tolist())}
             row = {"length": s.n_tokens, "case": case, "code": code, "depth": at / body.numel(),
                    "fact_blocks": sorted(fact_blocks), "encode_s": encode_s}
-            methods = [("codes", dict(scorer="codes", positions="contiguous")),
-                       ("mean-key", dict(scorer="mean-key", positions="contiguous")),
+            methods = [("codes", dict(scorer="codes", positions="contiguous", selection="global")),
+                       ("codes-layer", dict(scorer="codes", positions="contiguous", selection="per-layer")),
+                       ("mean-key", dict(scorer="mean-key", positions="contiguous", selection="per-layer")),
+                       ("mean-key-glob", dict(scorer="mean-key", positions="contiguous", selection="global")),
                        ("window", dict(top_blocks=0)),
-                       ("true-pos", dict(scorer="codes", positions="true"))]
+                       ("true-pos", dict(scorer="codes", positions="true", selection="global"))]
             for name, kw in methods:
                 saved = {k: getattr(s, k) for k in kw}
                 for k, v in kw.items():
@@ -160,7 +163,7 @@ def summarize_qa(rows: list[dict]) -> list[dict]:
     table = []
     for length in sorted({r["length"] for r in rows}):
         rs = [r for r in rows if r["length"] == length]
-        for name in ("full", "codes", "mean-key", "true-pos", "window"):
+        for name in ("full", "codes", "codes-layer", "mean-key", "mean-key-glob", "true-pos", "window"):
             got = [r[name] for r in rs if name in r]
             if not got:
                 continue

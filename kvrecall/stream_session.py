@@ -49,9 +49,10 @@ from kvrecall.rag_decode import cache_at_positions, capture_kv, eos_ids, greedy_
 from kvrecall.stream_blocks import BlockTier, StreamError, state_key
 from kvrecall.stream_scoring import code_scores, mean_key_scores
 
-__all__ = ["StreamSession", "StreamError", "AskResult", "POSITIONS", "SCORERS"]
+__all__ = ["StreamSession", "StreamError", "AskResult", "POSITIONS", "SCORERS", "SELECTIONS"]
 
 POSITIONS = ("contiguous", "true")
+SELECTIONS = ("global", "per-layer")
 SCORERS = ("codes", "mean-key")
 STREAM_WINDOW = 1024
 STREAM_BLOCK = 64
@@ -119,6 +120,8 @@ class StreamSession:
     positions : ``"contiguous"`` or ``"true"``.
     scorer : ``"codes"`` (needs ``retriever_profile``), ``"mean-key"`` (ReKV), or a callable
         ``(session, question_ids) -> Tensor[n_blocks] | Tensor[layers, n_blocks]``.
+    selection : ``"global"`` (default: per-layer scores z-scored and averaged, the same blocks for every layer)
+        or ``"per-layer"`` (ReKV: each layer its own top blocks).
     answer_budget : float or int
         ``RetrievalCache`` budget over the assembled tokens (1.0: attend all).
     ram_bytes : RAM budget of blocks (no store); beyond it the oldest blocks spill to ``spill_dir``.
@@ -131,7 +134,7 @@ class StreamSession:
                  top_blocks: int = STREAM_TOP_BLOCKS, level: str = defaults.CODEC_LEVEL,
                  positions: str = "contiguous", scorer=None, answer_budget: float | int = 1.0,
                  ram_bytes: int = STREAM_RAM_BYTES, spill_dir: str | Path | None = None,
-                 session_id: str | None = None) -> None:
+                 session_id: str | None = None, selection: str = "global") -> None:
         from kvrecall.encoder import LEVELS
         from kvrecall.loading_raw import RAW_LEVELS
 
@@ -141,6 +144,8 @@ class StreamSession:
         _check_int("top_blocks", top_blocks, 0)
         if level not in (*LEVELS, *RAW_LEVELS):
             raise StreamError(f"level must be one of {[*LEVELS, *RAW_LEVELS]}, got {level!r}")
+        if selection not in SELECTIONS:
+            raise StreamError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if positions not in POSITIONS:
             raise StreamError(f"positions must be one of {POSITIONS}, got {positions!r}")
         if scorer is None:
@@ -163,6 +168,7 @@ class StreamSession:
         self.store, self.retriever_profile, self.codec_profile = store, retriever_profile, codec_profile
         self.window, self.block, self.sinks, self.top_blocks = window, block, sinks, top_blocks
         self.level, self.positions, self.scorer, self.answer_budget = level, positions, scorer, answer_budget
+        self.selection = selection
         self.session_id = session_id or uuid.uuid4().hex
         self.tier = BlockTier(self.session_id, store, ram_bytes, spill_dir)
         L, H, D = self.info.num_layers, self.info.num_kv_heads, self.info.head_dim
@@ -364,7 +370,15 @@ class StreamSession:
             t1 = time.perf_counter()
             scores = self._block_scores(q, q_ids)
             k = min(self.top_blocks, n_blocks)
-            chosen = [sorted(torch.topk(scores[layer], k).indices.tolist()) for layer in range(scores.shape[0])]
+            if self.selection == "global":  # one vote of all layers (z-scored per layer), same blocks everywhere
+                finite = torch.where(torch.isfinite(scores), scores, torch.nan)
+                mean = finite.nanmean(dim=1, keepdim=True)
+                std = ((finite - mean) ** 2).nanmean(dim=1, keepdim=True).sqrt().clamp(min=1e-12)
+                vote = torch.nan_to_num((finite - mean) / std, nan=-1e9).mean(dim=0)
+                best = sorted(torch.topk(vote, k).indices.tolist())
+                chosen = [list(best) for _ in range(scores.shape[0])]
+            else:
+                chosen = [sorted(torch.topk(scores[layer], k).indices.tolist()) for layer in range(scores.shape[0])]
             timings["score_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         kv, positions = self._assemble(chosen)
@@ -427,7 +441,7 @@ class StreamSession:
             "settings": {"window": self.window, "block": self.block, "sinks": self.sinks,
                          "top_blocks": self.top_blocks, "level": self.level, "positions": self.positions,
                          "scorer": self.scorer if isinstance(self.scorer, str) else "mean-key",
-                         "answer_budget": self.answer_budget},
+                         "answer_budget": self.answer_budget, "selection": self.selection},
             "model": {"layers": self.info.num_layers, "kv_heads": self.info.num_kv_heads,
                       "head_dim": self.info.head_dim},
             "codec_profile_id": getattr(self.codec_profile, "profile_id", None),

@@ -185,7 +185,7 @@ def smol_stream(smollm2, texts_path):
     layout = PromptLayout(tok)
     text = read_texts(texts_path / "gutenberg")[0][1][5000:14000]
     ids = layout.encode(plant_passcode(text, 0.25, CODE))
-    s = StreamSession(model, window=256, block=64, top_blocks=4, scorer="mean-key")
+    s = StreamSession(model, window=256, block=64, top_blocks=4, scorer="mean-key", selection="per-layer")
     s.append(input_ids=layout.head_ids)
     for i in range(0, ids.numel(), 256):
         s.append(input_ids=ids[i : i + 256])
