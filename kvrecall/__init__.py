@@ -33,6 +33,7 @@ if (_ROOT / "pyproject.toml").is_file() and (_ROOT / "encoder" / "__init__.py").
 _EXPORTS = {
     "ContextCache": "context_cache",
     "LoadResult": "context_cache",
+    "LoadReport": "context_cache",
     "Controller": "controller",
     "RetrievalCache": "retrieval_cache",
     "StreamSession": "stream_session",
