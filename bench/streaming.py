@@ -89,6 +89,7 @@ def sweep(model, tok, args, kind: str, rng) -> list[dict]:
             st = s.stats()
             rows.append({"kind": kind, "length": s.n_tokens,
                          "append_ms_median": 1e3 * statistics.median(s.append_timings[-args.probe :]),
+                         "append_cpu_ms_median": 1e3 * statistics.median(s.append_cpu_timings[-args.probe :]),
                          "resident_bytes": st["resident_bytes"], "index_bytes": st["index_bytes"],
                          "block_bytes": st["ram_block_bytes"] + st["disk_block_bytes"], "rss_bytes": rss_bytes(),
                          "blocks": st["blocks"]})
@@ -97,6 +98,7 @@ def sweep(model, tok, args, kind: str, rng) -> list[dict]:
     base = rows[0]
     for r in rows:
         r["append_ratio"] = r["append_ms_median"] / base["append_ms_median"]
+        r["append_cpu_ratio"] = r["append_cpu_ms_median"] / base["append_cpu_ms_median"]
         r["resident_ratio"] = r["resident_bytes"] / base["resident_bytes"]
         r["resident_plus_index_ratio"] = (r["resident_bytes"] + r["index_bytes"]) / (
             base["resident_bytes"] + base["index_bytes"])
@@ -187,7 +189,9 @@ def plot(sweeps: list[dict], path: Path) -> None:
     for kind in sorted({r["kind"] for r in sweeps}):
         rs = [r for r in sweeps if r["kind"] == kind]
         xs = [r["length"] for r in rs]
-        a.plot(xs, [r["append_ms_median"] for r in rs], "o-", label=kind)
+        a.plot(xs, [r["append_ms_median"] for r in rs], "o-", label=f"{kind}: wall")
+        if "append_cpu_ms_median" in rs[0]:
+            a.plot(xs, [r["append_cpu_ms_median"] for r in rs], "x--", label=f"{kind}: CPU (thread)")
         b.plot(xs, [r["resident_bytes"] / 2**20 for r in rs], "o-", label=f"{kind}: resident (sinks+window)")
         b.plot(xs, [(r["resident_bytes"] + r["index_bytes"]) / 2**20 for r in rs], "x--",
                label=f"{kind}: + host index")
@@ -217,7 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--top-blocks", type=int, default=8)
     ap.add_argument("--segment", type=int, default=256)
-    ap.add_argument("--probe", type=int, default=8)
+    ap.add_argument("--probe", type=int, default=16)
     ap.add_argument("--level", default="medium")
     ap.add_argument("--full-max", type=int, default=8192)
     ap.add_argument("--max-new-tokens", type=int, default=12)
@@ -245,10 +249,12 @@ def main(argv=None) -> int:
             sweeps += sweep(sm, stok, args, kind, rng)
         print(f"\npart 1 on {args.sweep_model or args.model}: window {args.window}, block {args.block}, "
               f"segments of {args.segment}")
-        print(f"{'kind':<8}{'length':>8}{'append ms':>11}{'x first':>9}{'resident MiB':>14}{'x first':>9}"
+        print(f"{'kind':<8}{'length':>8}{'append ms':>11}{'x first':>9}{'cpu ms':>9}{'x first':>9}"
+              f"{'resident MiB':>14}{'x first':>9}"
               f"{'index MiB':>11}{'blocks MiB':>12}{'RSS MiB':>9}")
         for r in sweeps:
             print(f"{r['kind']:<8}{r['length']:>8}{r['append_ms_median']:>11.1f}{r['append_ratio']:>9.2f}"
+                  f"{r['append_cpu_ms_median']:>9.1f}{r['append_cpu_ratio']:>9.2f}"
                   f"{r['resident_bytes'] / 2**20:>14.2f}{r['resident_ratio']:>9.2f}{r['index_bytes'] / 2**20:>11.2f}"
                   f"{r['block_bytes'] / 2**20:>12.2f}{r['rss_bytes'] / 2**20:>9.0f}")
     qa_rows, table = [], []

@@ -185,7 +185,8 @@ class StreamSession:
         self.closed = False
         self.stop_ids = eos_ids(model)
         self.last: AskResult | None = None
-        self.append_timings: list[float] = []
+        self.append_timings: list[float] = []  # wall seconds per append
+        self.append_cpu_timings: list[float] = []  # CPU seconds of the calling thread per append
 
     # ------------------------------------------------------------------------------------------ append
     def append(self, input_ids=None, inputs_embeds=None) -> int:
@@ -200,7 +201,7 @@ class StreamSession:
             raise StreamError(f"session {self.session_id!r} is closed; open it again to append")
         if (input_ids is None) == (inputs_embeds is None):
             raise StreamError("append takes exactly one of input_ids or inputs_embeds")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if input_ids is not None:
             ids = torch.as_tensor(input_ids)
             if ids.ndim == 2 and ids.shape[0] == 1:
@@ -225,6 +226,7 @@ class StreamSession:
             else:
                 self._encode_step(None, inputs_embeds[:, s : s + self.block])
         self.append_timings.append(time.perf_counter() - t0)
+        self.append_cpu_timings.append(time.thread_time() - c0)
         return self.n_tokens
 
     def _resident_cache(self):
