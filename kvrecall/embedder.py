@@ -81,6 +81,16 @@ class Embedder:
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.dim = int(self.model.config.hidden_size)
 
+    def windows(self, text: str, overlap: int = 32) -> list[str]:
+        """``text`` cut into pieces of at most ``max_tokens`` word pieces (``overlap`` shared between neighbours),
+        so a long document is embedded whole instead of truncated to its first ``max_tokens``."""
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        size = self.max_tokens - 2  # [CLS] and [SEP]
+        if len(ids) <= size:
+            return [text]
+        step = max(1, size - overlap)
+        return [self.tokenizer.decode(ids[s : s + size]) for s in range(0, len(ids) - overlap, step)]
+
     @torch.no_grad()
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embeddings of ``texts``.

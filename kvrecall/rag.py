@@ -139,6 +139,7 @@ class RagPipeline:
         self.index = faiss.IndexFlatIP(self.embedder.dim)
         self.documents: list[str] = []
         self.doc_ids: list[torch.Tensor] = []
+        self.vector_owner: list[int] = []  # FAISS row -> document id (long documents have several windows)
         self.stop_ids = eos_ids(model, tokenizer)
         self.last: RagAnswer | None = None
 
@@ -155,8 +156,13 @@ class RagPipeline:
         """
         if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise RagError("texts must be a non-empty list of non-empty strings")
-        vectors = self.embedder.embed(list(texts))
         first = len(self.documents)
+        pieces, owners = [], []
+        for j, text in enumerate(texts):  # every window of a long document is indexed, owned by the document
+            for piece in self.embedder.windows(text):
+                pieces.append(piece)
+                owners.append(first + j)
+        vectors = self.embedder.embed(pieces)
         for text in texts:
             ids = self.layout.document_ids(text)
             self.documents.append(text)
@@ -165,6 +171,7 @@ class RagPipeline:
             if precompute and not self._stored(unit):  # never prefill a document whose KV is already in the store
                 self.cache.store(self.model, unit)
         self.index.add(np.ascontiguousarray(vectors))
+        self.vector_owner.extend(owners)
         return list(range(first, len(self.documents)))
 
     def ensure_stored(self, doc_ids: list[int]) -> int:
@@ -186,15 +193,25 @@ class RagPipeline:
             return False
 
     def retrieve(self, question: str, k: int) -> tuple[list[int], list[float]]:
-        """Top-``k`` document ids by cosine similarity (best first) and their scores."""
+        """Top-``k`` document ids by cosine similarity of their best window (best first) and their scores."""
         if not isinstance(question, str) or not question.strip():
             raise RagError("question must be a non-empty string")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise RagError(f"k must be a positive int, got {k!r}")
         if not self.documents:
             raise RagError("no documents: call add_documents first")
-        scores, idx = self.index.search(self.embedder.embed([question]), min(k, len(self.documents)))
-        return [int(i) for i in idx[0]], [float(s) for s in scores[0]]
+        k = min(k, len(self.documents))
+        want = k
+        while True:  # a document's best window counts; search deeper until k distinct documents are found
+            scores, idx = self.index.search(self.embedder.embed([question]), min(self.index.ntotal, 4 * want))
+            docs: dict[int, float] = {}
+            for s, i in zip(scores[0], idx[0]):
+                if i >= 0:
+                    docs.setdefault(self.vector_owner[int(i)], float(s))
+            if len(docs) >= k or 4 * want >= self.index.ntotal:
+                best = list(docs.items())[:k]
+                return [d for d, _ in best], [s for _, s in best]
+            want *= 4
 
     # ------------------------------------------------------------------------------------------ answering
     def answer(self, question: str, k: int = 3, max_new_tokens: int = 32, *, sources: list[int] | None = None,

@@ -56,6 +56,16 @@ def test_embedder_unit_vectors_and_similarity(embedder):
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2
 
 
+def test_embedder_windows_cover_long_documents(embedder):
+    text = " ".join(f"line {i} of a long and dull ledger." for i in range(300)) + " The vault passcode is 48213."
+    pieces = embedder.windows(text)
+    sizes = [len(embedder.tokenizer(p, add_special_tokens=False).input_ids) for p in pieces]
+    assert len(pieces) > 4 and max(sizes) <= embedder.max_tokens - 2 and "48213" in pieces[-1]
+    v = embedder.embed(pieces + ["What is the vault passcode?"])
+    sims = v[:-1] @ v[-1]
+    assert int(sims.argmax()) == len(pieces) - 1  # only the last window holds the fact
+
+
 def test_embedder_bad_input():
     from kvrecall.embedder import Embedder, EmbedderError
 
