@@ -110,7 +110,16 @@ def group_scales_from_sensitivity(
     if measured_scales is None:
         measured_scales = np.repeat(layer_step_factors(w.shape[0])[:, None], 2, axis=1)
     w = np.maximum(w, 1e-6 * max(float(w.max()), 1e-30))
-    g = np.asarray(measured_scales, dtype=np.float64) * w**-0.5
-    g /= np.exp(np.log(g).mean())
-    g = np.clip(g, 1 / clip, clip)
-    return g / np.exp(np.log(g).mean())
+    log_g = np.log(np.asarray(measured_scales, dtype=np.float64) * w**-0.5)
+    # Clip in log space around a centre chosen so that the clipped values have geometric mean exactly 1: clipping
+    # first and renormalizing after would push values past the clip again. The clipped mean falls monotonically
+    # as the centre rises, so bisection finds it.
+    limit = float(np.log(clip))
+    lo, hi = float(log_g.min()) - limit, float(log_g.max()) + limit
+    for _ in range(200):
+        centre = 0.5 * (lo + hi)
+        if np.clip(log_g - centre, -limit, limit).mean() > 0:
+            lo = centre
+        else:
+            hi = centre
+    return np.exp(np.clip(log_g - 0.5 * (lo + hi), -limit, limit))
