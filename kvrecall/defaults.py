@@ -77,3 +77,15 @@ LOAD_PRIOR_PREFILL_TOKENS_PER_S = 500.0
 """Prefill throughput assumed before one was measured (a small model on a few CPU cores)."""
 LOAD_PRIOR_RAW_DECODE_BPS = 2e9
 """Throughput assumed for placing a raw (fp16/exact) chunk (copy + RoPE) before one was measured."""
+
+# ---- streaming sessions and RAG
+STREAM_WINDOW = 1024
+"""Recent tokens a StreamSession attends to while appending (plus sinks)."""
+STREAM_BLOCK = 64
+"""Tokens per offloaded block of a stream."""
+STREAM_TOP_BLOCKS = 8
+"""Blocks retrieved for a question."""
+STREAM_RAM_BYTES = 256 << 20
+"""RAM for a stream's offloaded blocks before they spill to disk."""
+RAG_LEVEL = "exact"
+"""Level a RagPipeline stores documents' KV at (exact: answers equal full prefill)."""

@@ -42,7 +42,7 @@ from kvrecall.rag_prompt import PromptLayout
 __all__ = ["RagPipeline", "RagError", "RagAnswer", "MODES"]
 
 MODES = ("exact-prefix", "independent", "full")
-RAG_LEVEL = "exact"
+RAG_LEVEL = defaults.RAG_LEVEL
 """Level of stored document KV (lossless, so exact-prefix answers equal full prefill); proposed for defaults.py."""
 
 

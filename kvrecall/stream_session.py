@@ -54,10 +54,10 @@ __all__ = ["StreamSession", "StreamError", "AskResult", "POSITIONS", "SCORERS", 
 POSITIONS = ("contiguous", "true")
 SELECTIONS = ("global", "per-layer")
 SCORERS = ("codes", "mean-key")
-STREAM_WINDOW = 1024
-STREAM_BLOCK = 64
-STREAM_TOP_BLOCKS = 8
-STREAM_RAM_BYTES = 256 << 20
+STREAM_WINDOW = defaults.STREAM_WINDOW
+STREAM_BLOCK = defaults.STREAM_BLOCK
+STREAM_TOP_BLOCKS = defaults.STREAM_TOP_BLOCKS
+STREAM_RAM_BYTES = defaults.STREAM_RAM_BYTES
 """Defaults of this module, proposed for kvrecall.defaults (window, block, blocks per ask, RAM budget)."""
 _FORMAT = 1
 
