@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-calib", type=int, help="calibration texts (default: every text in --calib-texts)")
     p.add_argument("--passcode", type=int, help="planted-passcode cases on the primary model (default 10, quick 0)")
     p.add_argument("--passcode-only", action="store_true", help="only the passcode test (primary model)")
+    p.add_argument("--passcode-codecs", nargs="+", default=["default", "kvrecall/low", "kivi-4bit/g32", "cachegen/2"],
+                   help="codecs of the passcode test as NAME/LEVEL ('default' = ours at kvrecall.defaults.CODEC_LEVEL);"
+                        " exact KV always runs first")
     p.add_argument("--passcode-tokens", type=int, default=4096, help="prompt tokens of each passcode case")
     p.add_argument("--cont", type=int, help="continuation tokens (default per model: 256 / 256)")
     p.add_argument("--chunk", type=int, default=256, help="tokens per encoded chunk")
@@ -520,7 +523,8 @@ def run_passcode(path: str, args: argparse.Namespace, loaded: dict) -> dict:
     model, tok = loaded["model"]
     ours, _ = loaded["ours"]
     cases = passcode_cases(tok, read_texts(args.calib_texts), args.passcode, args.passcode_tokens)
-    wanted = {("kvrecall", defaults.CODEC_LEVEL), ("kvrecall", "low"), ("kivi-4bit", "g32"), ("cachegen", "2")}
+    names = [f"kvrecall/{defaults.CODEC_LEVEL}" if n == "default" else n for n in args.passcode_codecs]
+    wanted = {tuple(n.split("/", 1)) for n in names}
     codecs = [c for c in baseline_codecs(False) + ours if (c.name, str(c.level)) in wanted]
     results = {"exact": []} | {f"{c.name}/{c.level}": [] for c in codecs}
     bits = {f"{c.name}/{c.level}": [0, 0] for c in codecs}
