@@ -31,6 +31,10 @@ def test_e2e_bench_tiny_run(stories_path, texts_path, tmp_path, capsys):
     auto = [row for row in r["ttft"] if row["method"] == "auto"]
     assert len(auto) == 2 and all(row["choices"] for row in auto)
     slow_fp16 = next(row for row in r["ttft"] if row["method"] == "fp16" and row["gbit"] == 0.1)
-    assert slow_fp16["ttft_s"] >= slow_fp16["bytes"] / (0.1e9 / 8) * 0.9  # the throttle held the link to 0.1 Gbit/s
+    # The throttle held the link to 0.1 Gbit/s: only its documented burst may pass without waiting.
+    from kvrecall.kvstore.throttle import TokenBucket
+
+    rate = 0.1e9 / 8
+    assert slow_fp16["ttft_s"] >= (slow_fp16["bytes"] - TokenBucket(rate).burst_bytes) / rate
     assert r["decoder"][0]["GBps_1_thread"] > 0 and r["passcode"]["cases"] == 1
     assert out.with_suffix(".png").stat().st_size > 1000
