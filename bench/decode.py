@@ -152,8 +152,13 @@ def passcode_prompt(tok, text_ids: torch.Tensor, n_tokens: int, depth: float, co
 
 # ------------------------------------------------------------------------------------------- scoring speed
 def scoring_rows(profile, contexts, budget, reps, threads):
-    """Score + select time per layer per decode step (one layer, batch 1) for each scorer, ``threads`` threads."""
-    from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, topk_union
+    """Score + select time per layer per decode step (one layer, batch 1) for each scorer, ``threads`` threads.
+
+    Each scorer is timed twice side by side on the same codes and queries: ``fast`` (``CodeScorer.scores`` +
+    ``topk_union``, the runtime's path) and ``reference`` (``scores_reference`` + ``topk_union_reference``, the
+    per-band, per-head, per-row twin). The query moves one position per repetition, as in decoding.
+    """
+    from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, topk_union, topk_union_reference
     from kvrecall.retriever.selection import resolve_budget
 
     old = torch.get_num_threads()
@@ -163,27 +168,42 @@ def scoring_rows(profile, contexts, budget, reps, threads):
     rows = []
     try:
         for method in SCORERS:
-            scorer = CodeScorer(profile, method)
             for T in contexts:
                 codes = torch.randint(0, 1 << s.bits, (1, s.num_kv_heads, T, 1), generator=gen).to(torch.int16)
-                q = torch.randn(1, s.num_heads, s.head_dim, generator=gen)
+                qs = [torch.randn(1, s.num_heads, s.head_dim, generator=gen) for _ in range(reps + 1)]
                 k = resolve_budget(budget, T)
-                times = {"score": [], "select": []}
-                for _ in range(reps + 1):
-                    t0 = time.perf_counter()
-                    sc = scorer.scores(0, q, codes, 8, T, T + 63)
-                    t1 = time.perf_counter()
-                    topk_union(sc, s.group_size, k, offset=8)
-                    t2 = time.perf_counter()
-                    times["score"].append(t1 - t0)
-                    times["select"].append(t2 - t1)
-                score = 1e3 * statistics.median(times["score"][1:])
-                select = 1e3 * statistics.median(times["select"][1:])
-                rows.append({"scorer": method, "context": T, "budget": budget, "threads": threads,
-                             "score_ms": score, "select_ms": select, "score_select_ms": score + select})
+                for impl in ("fast", "reference"):
+                    scorer = CodeScorer(profile, method)
+                    score_fn = scorer.scores if impl == "fast" else scorer.scores_reference
+                    select_fn = topk_union if impl == "fast" else topk_union_reference
+                    times = {"score": [], "select": []}
+                    for rep in range(reps + 1):
+                        t0 = time.perf_counter()
+                        sc = score_fn(0, qs[rep], codes, 8, T, T + 63 + rep)
+                        t1 = time.perf_counter()
+                        select_fn(sc, s.group_size, k, offset=8)
+                        t2 = time.perf_counter()
+                        times["score"].append(t1 - t0)
+                        times["select"].append(t2 - t1)
+                    score = 1e3 * statistics.median(times["score"][1:])
+                    select = 1e3 * statistics.median(times["select"][1:])
+                    rows.append({"scorer": method, "impl": impl, "context": T, "budget": budget, "threads": threads,
+                                 "score_ms": score, "select_ms": select, "score_select_ms": score + select})
     finally:
         torch.set_num_threads(old)
+    for r in rows:
+        ref = next(x for x in rows if x["scorer"] == r["scorer"] and x["context"] == r["context"]
+                   and x["impl"] == "reference")
+        r["speedup_vs_reference"] = ref["score_select_ms"] / r["score_select_ms"]
     return rows
+
+
+def print_scoring(rows) -> None:
+    print(f"{'scorer':10s} {'impl':9s} {'ctx':>6s} {'score':>7s} {'select':>7s} {'total':>7s} {'x ref':>6s}"
+          "  ms per layer per step, 1 thread (medians)")
+    for r in rows:
+        print(f"{r['scorer']:10s} {r['impl']:9s} {r['context']:6d} {r['score_ms']:7.2f} {r['select_ms']:7.2f} "
+              f"{r['score_select_ms']:7.2f} {r['speedup_vs_reference']:6.1f}")
 
 
 # ------------------------------------------------------------------------------------------- main loops
@@ -520,10 +540,7 @@ def main(argv=None) -> int:
         prof = random_profile(1, 9, 3, 64, 12, 1e5)
         ctxs = args.speed_contexts or [8192, 32768]
         rows = scoring_rows(prof, ctxs, args.main_budget, 3 if q else 9, 1)
-        print(f"{'scorer':10s} {'ctx':>6s} {'score':>7s} {'select':>7s} {'total':>7s}  ms per layer per step, 1 thread")
-        for r in rows:
-            print(f"{r['scorer']:10s} {r['context']:6d} {r['score_ms']:7.2f} {r['select_ms']:7.2f} "
-                  f"{r['score_select_ms']:7.2f}")
+        print_scoring(rows)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"meta": {"argv": sys.argv[1:]}, "scoring": rows}, indent=1))
@@ -595,9 +612,8 @@ def main(argv=None) -> int:
     for r in rows:
         if "passcode_accuracy" in r:
             print(f"{r['context']:6d} {r['method']:13s} {r['passcode_accuracy']:.2f} ({r['passcode_cases']} cases)")
-    print(f"\n{'scorer':10s} {'ctx':>6s} {'score':>7s} {'select':>7s} {'total':>7s}  ms per layer per step, 1 thread")
-    for r in score_rows:
-        print(f"{r['scorer']:10s} {r['context']:6d} {r['score_ms']:7.2f} {r['select_ms']:7.2f} {r['score_select_ms']:7.2f}")
+    print()
+    print_scoring(score_rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"argv": sys.argv[1:], "model": args.model, "contexts": contexts, "speed_contexts": speed_contexts,

@@ -22,6 +22,7 @@ query; they never touch the full keys.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -29,7 +30,7 @@ from kvrecall.models import apply_rope, rope_tables
 from kvrecall.retriever.errors import RetrieverError
 from kvrecall.retriever.profile import RetrieverProfile
 
-__all__ = ["SCORERS", "CodeScorer", "topk_union"]
+__all__ = ["SCORERS", "CodeScorer", "topk_union", "topk_union_reference"]
 
 SCORERS = ("banded", "positional", "windowed")
 
@@ -81,6 +82,9 @@ class CodeScorer:
             self._decoded = torch.einsum("lhkd,lhed->lhke", self._codebooks[:, :, 0], self._query_t).contiguous()
         else:
             self._decoded = None
+        self._bounds: list[int] = []  # banded: D_1, D_2, ... (grown on demand)
+        self._tables: tuple[int, torch.Tensor, torch.Tensor] | None = None  # RoPE cos/sin from a start position
+        self._state: dict[int, dict] = {}  # per layer: the cached ``code + K * band`` index (see _index)
 
     @property
     def codebook_bytes(self) -> int:
@@ -160,9 +164,9 @@ class CodeScorer:
             end, d_lo = start, d_hi
         return out
 
-    # ------------------------------------------------------------------ public
-    def scores(self, layer: int, q: torch.Tensor, codes: torch.Tensor, lo: int, hi: int, pos: int) -> torch.Tensor:
-        """Approximate scores of tokens ``lo .. hi-1`` for pre-RoPE queries at position ``pos``.
+    def scores_reference(self, layer: int, q: torch.Tensor, codes: torch.Tensor, lo: int, hi: int,
+                         pos: int) -> torch.Tensor:
+        """The plain reference of :meth:`scores` (per band and head; same results, slower).
 
         Parameters
         ----------
@@ -190,13 +194,141 @@ class CodeScorer:
                 out[:, :, s - lo : e - lo] = self._positional(layer, q, codes[:, :, s:e], positions, pos)
         return out
 
+    # ------------------------------------------------------------------ fast path
+    def _boundaries(self, max_distance: int) -> list[int]:
+        """Distances ``D_1 < D_2 < ...`` where a token's band offset grows by one (``D_0 = near`` is not one:
+        the near range and the first far band share offset 0); enough to cover ``max_distance``."""
+        if self.method != "banded":
+            return []
+        out = self._bounds
+        if not out:
+            out.append(int(math.ceil(self.near * self.band_ratio)))
+        while out[-1] <= max_distance:
+            out.append(int(math.ceil(out[-1] * self.band_ratio)))
+        return out
 
-def _topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``[R, k]`` of the ``k`` largest entries of each row of ``scores [R, N]`` (exact, any order).
+    def _band_of(self, distances: torch.Tensor) -> torch.Tensor:
+        """Band offset of each distance: 0 below ``D_1``, ``b`` in ``[D_b, D_{b+1})`` (``int64``, same shape)."""
+        if self.method != "banded" or distances.numel() == 0:
+            return torch.zeros_like(distances)
+        bounds = torch.tensor(self._boundaries(int(distances.max())), device=distances.device)
+        return torch.bucketize(distances, bounds, right=True)
 
-    A strided sample gives a threshold that keeps about ``1.5 k`` candidates per row; the exact top-k is taken
-    among them (rows where the threshold kept fewer than ``k`` fall back to a full ``topk``).
-    """
+    def _index(self, layer: int, codes: torch.Tensor, hi: int, pos: int) -> torch.Tensor:
+        """``code + K * band`` (int64) of tokens ``0 .. hi-1`` for a query at ``pos``: ``[B, Hkv, >= hi]``.
+
+        Kept per layer across steps: codes of stored tokens never change, so only new tokens are converted,
+        and a step that moves the query by a few positions only bumps the tokens crossing a band boundary.
+        A different codes tensor (grown, another sequence), another batch, or a query moved back or by more
+        than 256 positions rebuilds it.
+        """
+        k = 1 << self.settings.bits
+        st = self._state.get(layer)
+        ok = (st is not None and st["ref"]() is codes and st["pos"] <= pos <= st["pos"] + 256
+              and st["idx"].shape[:2] == codes.shape[:2])
+        if not ok:
+            b, hkv = codes.shape[:2]
+            idx = torch.empty(b, hkv, max(hi, 256), dtype=torch.int64, device=codes.device)
+            st = {"ref": weakref.ref(codes), "pos": pos, "n": 0, "idx": idx}
+            self._state[layer] = st
+        idx = st["idx"]
+        if pos != st["pos"]:  # tokens whose distance crossed a boundary move one band out
+            for bound in self._boundaries(pos):
+                s, e = max(0, st["pos"] - bound + 1), min(st["n"], pos - bound + 1)
+                if s < e:
+                    idx[:, :, s:e] += k
+            st["pos"] = pos
+        n = st["n"]
+        if hi > n:
+            if hi > idx.shape[2]:
+                grown = idx.new_empty(*idx.shape[:2], max(hi, 2 * idx.shape[2]))
+                grown[:, :, :n] = idx[:, :, :n]
+                st["idx"] = idx = grown
+            band = self._band_of(pos - torch.arange(n, hi, device=codes.device))
+            torch.add(codes[:, :, n:hi, 0].long(), band * k, out=idx[:, :, n:hi])
+            st["n"] = hi
+        return idx
+
+    def _key_tables(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE ``cos, sin [end - start, D]`` of positions ``start .. end-1``, sliced from a table shared by all
+        layers and rebuilt only when the near range leaves it (every ``near`` steps of decoding)."""
+        c = self._tables
+        if c is None or start < c[0] or end > c[0] + c[1].shape[0]:
+            span = end - start + self.near
+            cos, sin = rope_tables(self.inv_freq, torch.arange(start, start + span, device=self.device), self.scaling)
+            self._tables = c = (start, cos, sin)
+        a, b = start - c[0], end - c[0]
+        return c[1][a:b], c[2][a:b]
+
+    def _far_centres(self, n_bands: int) -> list[int]:
+        """LUT distance of each band offset ``0 .. n_bands-1`` (``windowed``: the profile's fixed distance)."""
+        if self.method == "windowed":
+            return [int(self.settings.window_distance)]
+        while len(self._bounds) < n_bands:
+            self._boundaries(self._bounds[-1] if self._bounds else self.near)
+        lows = [self.near] + self._bounds
+        return [int(round(math.sqrt(lows[i] * lows[i + 1]))) for i in range(n_bands)]
+
+    def scores(self, layer: int, q: torch.Tensor, codes: torch.Tensor, lo: int, hi: int, pos: int) -> torch.Tensor:
+        """Approximate scores of tokens ``lo .. hi-1`` for pre-RoPE queries at position ``pos``.
+
+        One LUT matmul for all far bands and heads, one ``gather`` for all far tokens (index ``band * K + code``
+        kept across steps, see :meth:`_index`), one decode + matmul for the near tokens. Equal (to float
+        rounding) to :meth:`scores_reference`.
+
+        Parameters
+        ----------
+        layer : int
+        q : Tensor[B, Hq, D], pre-RoPE.
+        codes : Tensor[B, Hkv, >= hi, m], integer codes of tokens ``0 ..``; the rows of tokens already scored
+            must not change while the same tensor is passed (the retrieval cache only appends).
+        lo, hi : token range; pos : the query's position.
+
+        Returns
+        -------
+        Tensor[B, Hq, hi - lo], float32
+        """
+        if self._decoded is None:
+            return self.scores_reference(layer, q, codes, lo, hi, pos)
+        b, hq, d = q.shape
+        g = self.group
+        hkv = hq // g
+        n = max(0, hi - lo)
+        if n == 0:
+            return q.new_empty(b, hq, 0, dtype=torch.float32)
+        idx = self._index(layer, codes, hi, pos)
+        if self.method == "positional":
+            far_end = lo
+        elif self.method == "windowed":
+            far_end = hi
+        else:
+            far_end = min(hi, max(lo, pos - self.near + 1))
+        parts = []
+        if far_end > lo:
+            n_bands = 1 if self.method == "windowed" else int(self._band_of(torch.tensor([pos - lo]))) + 1
+            dist = torch.tensor(self._far_centres(n_bands), device=q.device)
+            qr = self._rotate_queries(q, dist)  # [B, Hq, nb, D]
+            qm = qr.reshape(b, hkv, g * n_bands, d).transpose(0, 1).reshape(hkv, b * g * n_bands, d)
+            lut = torch.bmm(qm, self._decoded[layer].transpose(1, 2))  # [Hkv, B*g*nb, K]
+            k = lut.shape[-1]
+            lut = lut.reshape(hkv, b, g, n_bands * k).transpose(0, 1)  # [B, Hkv, g, nb*K]
+            far_idx = idx[:, :, None, lo:far_end].expand(b, hkv, g, far_end - lo)
+            parts.append(lut.gather(3, far_idx))
+        if hi > far_end:
+            s = max(lo, far_end)
+            k = self._decoded.shape[2]
+            rows = idx[:, :, s:hi] + (torch.arange(hkv, device=idx.device) * k)[:, None]
+            keys = self._decoded[layer].reshape(hkv * k, d).index_select(0, rows.reshape(-1)).reshape(b, hkv, -1, d)
+            cos, sin = self._key_tables(s, hi)
+            keys = apply_rope(keys, cos, sin)
+            qp = self._rotate_queries(q, torch.tensor([pos], device=q.device))[:, :, 0]  # [B, Hq, D]
+            parts.append(torch.matmul(qp.reshape(b, hkv, g, d), keys.transpose(2, 3)))  # [B, Hkv, g, n_near]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+        return out.reshape(b, hq, n)
+
+
+def _topk_rows_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference of :func:`_topk_rows` (one row at a time): indices ``[R, k]`` of the ``k`` largest entries."""
     r, n = scores.shape
     if k >= n:
         return torch.arange(n, device=scores.device).expand(r, n)
@@ -218,8 +350,8 @@ def _topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def topk_union(scores: torch.Tensor, group: int, k: int, offset: int = 0) -> list[list[torch.Tensor]]:
-    """Top-``k`` token indices per query head, unioned within each GQA group.
+def topk_union_reference(scores: torch.Tensor, group: int, k: int, offset: int = 0) -> list[list[torch.Tensor]]:
+    """Reference of :func:`topk_union` (``torch.unique`` per row and head; same result).
 
     Parameters
     ----------
@@ -234,5 +366,65 @@ def topk_union(scores: torch.Tensor, group: int, k: int, offset: int = 0) -> lis
     if k <= 0 or n == 0:
         empty = torch.empty(0, dtype=torch.int64, device=scores.device)
         return [[empty for _ in range(hkv)] for _ in range(b)]
-    idx = _topk_rows(scores.reshape(b * hq, n), min(k, n)).reshape(b, hkv, -1)
+    idx = _topk_rows_reference(scores.reshape(b * hq, n), min(k, n)).reshape(b, hkv, -1)
     return [[torch.unique(idx[bi, h]) + offset for h in range(hkv)] for bi in range(b)]
+
+
+def _topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[R, k]`` of the ``k`` largest entries of each row of ``scores [R, N]`` (exact, any order).
+
+    A strided sample (1/8) gives a per-row threshold that keeps about ``1.5 k`` candidates; the candidates of all
+    rows are compacted into one padded ``[R, max candidates]`` block and the exact top-k is one batched ``topk``
+    over it (no loop over rows). When the threshold kept fewer than ``k`` in some row, a full ``topk``.
+    """
+    r, n = scores.shape
+    if k >= n:
+        return torch.arange(n, device=scores.device).expand(r, n)
+    stride = 8
+    if n < 8 * k or n < 4096:
+        return scores.topk(k, dim=-1, sorted=False).indices
+    sample = scores[:, ::stride]
+    rank = min(sample.shape[1], int(math.ceil(1.5 * k / stride)) + 4)
+    thr = sample.topk(rank, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    keep = scores >= thr
+    flat = keep.view(-1).nonzero().squeeze(1)  # candidates of all rows, row-major
+    rows = torch.div(flat, n, rounding_mode="floor")
+    counts = torch.bincount(rows, minlength=r)
+    if int(counts.min()) < k:
+        return scores.topk(k, dim=-1, sorted=False).indices
+    width = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    dest = torch.arange(flat.numel(), device=scores.device) - starts.index_select(0, rows) + rows * width
+    vals = scores.new_full((r * width,), float("-inf"))
+    vals.index_copy_(0, dest, scores.reshape(-1).index_select(0, flat))
+    cols = flat.new_zeros(r * width)
+    cols.index_copy_(0, dest, flat - rows * n)
+    top = vals.view(r, width).topk(k, dim=-1, sorted=False).indices
+    return cols.view(r, width).gather(1, top)
+
+
+def topk_union(scores: torch.Tensor, group: int, k: int, offset: int = 0) -> list[list[torch.Tensor]]:
+    """Top-``k`` token indices per query head, unioned within each GQA group.
+
+    One batched top-k over all heads, the union as a boolean scatter per KV head, one ``nonzero`` for all.
+
+    Parameters
+    ----------
+    scores : Tensor[B, Hq, N] over tokens ``offset .. offset + N - 1``.
+    group : query heads per KV head; k : tokens per query head.
+
+    Returns
+    -------
+    list (per batch row) of lists (per KV head) of ascending int64 token indices (``offset`` added).
+    """
+    b, hq, n = scores.shape
+    hkv = hq // group
+    if k <= 0 or n == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=scores.device)
+        return [[empty for _ in range(hkv)] for _ in range(b)]
+    idx = _topk_rows(scores.reshape(b * hq, n), min(k, n)).reshape(b, hkv, -1)
+    mask = torch.zeros(b, hkv, n, dtype=torch.bool, device=scores.device)
+    mask.scatter_(2, idx, True)
+    cols = mask.nonzero()[:, 2] + offset
+    parts = cols.split(mask.sum(-1).reshape(-1).tolist())
+    return [[parts[bi * hkv + h] for h in range(hkv)] for bi in range(b)]
