@@ -104,7 +104,24 @@ except ImportError as exc:  # pragma: no cover - transformers < 4.56
     raise ImportError("RetrievalCache needs transformers >= 5.0 (cache-layer API)") from exc
 
 
-class RetrievalLayer(CacheLayerMixin):
+class _RefusesReshaping:
+    """Cache-API calls retrieval decoding does not support, refused alike by the cache and each of its layers
+    (transformers calls either, depending on its version)."""
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise RetrievalError("RetrievalCache does not support beam search (reorder_cache)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RetrievalError("RetrievalCache cannot be cropped (assisted / speculative decoding is not supported)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise RetrievalError("RetrievalCache does not support expanding the batch (num_return_sequences, beams)")
+
+    def batch_select_indices(self, indices) -> None:
+        raise RetrievalError("RetrievalCache does not support selecting batch rows")
+
+
+class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
     """One layer of a :class:`RetrievalCache`: sinks + window + codes resident, other rows in the store.
 
     Token indices ``0 .. length-1`` are positions ``offset .. offset + length - 1``. Rows ``0 .. n_off-1`` are in
@@ -167,17 +184,6 @@ class RetrievalLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.__init__(self.owner, self.layer_idx)
 
-    def reorder_cache(self, beam_idx) -> None:
-        raise RetrievalError("RetrievalCache does not support beam search (reorder_cache)")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise RetrievalError("RetrievalCache cannot be cropped (assisted / speculative decoding is not supported)")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise RetrievalError("RetrievalCache does not support expanding the batch (num_return_sequences, beams)")
-
-    def batch_select_indices(self, indices) -> None:
-        raise RetrievalError("RetrievalCache does not support selecting batch rows")
 
     # ---- bookkeeping
     @property
@@ -384,7 +390,7 @@ class RetrievalLayer(CacheLayerMixin):
 
 
 # ---------------------------------------------------------------------------------------------- the cache
-class RetrievalCache(Cache):
+class RetrievalCache(_RefusesReshaping, Cache):
     """A transformers ``Cache`` for retrieval decoding (see the module docstring).
 
     Parameters
@@ -537,19 +543,6 @@ class RetrievalCache(Cache):
         """Switch the model back to the attention implementation it had before this cache."""
         if self._previous_attention != ATTENTION_NAME:
             self.model.set_attn_implementation(self._previous_attention)
-
-    # ---- Cache API not supported
-    def reorder_cache(self, beam_idx) -> None:
-        raise RetrievalError("RetrievalCache does not support beam search (reorder_cache)")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise RetrievalError("RetrievalCache cannot be cropped (assisted / speculative decoding is not supported)")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise RetrievalError("RetrievalCache does not support expanding the batch (num_return_sequences, beams)")
-
-    def batch_select_indices(self, indices) -> None:
-        raise RetrievalError("RetrievalCache does not support selecting batch rows")
 
     # ---- accounting
     def stats(self) -> dict:
