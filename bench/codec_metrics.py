@@ -21,6 +21,7 @@ __all__ = [
     "PasscodeCase",
     "passcode_cases",
     "greedy_answer",
+    "is_correct",
 ]
 
 
@@ -153,35 +154,29 @@ class PasscodeCase:
 
 
 def passcode_cases(tok, texts: list[tuple[str, str]], n: int, tokens: int, seed: int = 0) -> list[PasscodeCase]:
-    """``n`` prompts of about ``tokens`` tokens: a gutenberg excerpt with a five-digit passcode planted at depths
-    spread over 10-90%, asked through the model's chat template (greedy answer expected to contain the digits)."""
-    import random
+    """``n`` prompts of about ``tokens`` tokens from :func:`kvrecall.passcode.make_cases` (a book excerpt with a
+    five-digit passcode planted at depths 10-90%, asked through the model's chat template), split into the context
+    whose KV gets replaced and the last prompt token."""
+    from kvrecall.passcode import make_cases
 
-    rng = random.Random(seed)
-    question = "\n\nWhat is the secret passcode mentioned in the text above? Answer with the five digits only."
-    cases = []
-    for i in range(n):
-        depth = 0.1 + 0.8 * i / max(1, n - 1)
-        name, text = texts[i % len(texts)]
-        code = f"{rng.randrange(10000, 100000)}"
-        needle = f" The secret passcode is {code}. Remember the passcode {code}. "
-        budget = tokens - 80  # chat template, needle and question
-        ids = tok(text[: 6 * budget], add_special_tokens=False)["input_ids"][:budget]
-        cut = int(depth * len(ids))
-        excerpt = tok.decode(ids[:cut]) + needle + tok.decode(ids[cut:])
-        msgs = [{"role": "user", "content": excerpt + question}]
-        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if hasattr(prompt, "keys"):
-            prompt = prompt["input_ids"]
-        prompt = torch.tensor(list(prompt), dtype=torch.long).flatten()
-        cases.append(PasscodeCase(depth, code, prompt[:-1], int(prompt[-1])))
-    return cases
+    return [PasscodeCase(c.depth, c.passcode, c.input_ids[:-1], int(c.input_ids[-1]))
+            for c in make_cases(tok, texts, n, tokens, seed)]
 
 
-def greedy_answer(model, tok, kv: torch.Tensor, last_id: int, max_new: int = 10) -> str:
+def is_correct(answer: str, passcode: str) -> bool:
+    """Whether the first five-digit number of ``answer`` is ``passcode`` (:func:`kvrecall.passcode.score`)."""
+    from kvrecall.passcode import score
+
+    return score(answer, passcode)
+
+
+def greedy_answer(model, tok, kv: torch.Tensor, last_id: int, max_new: int | None = None) -> str:
     """Greedy continuation after a context given only as its KV ``[L, 2, H, T, D]`` (keys pre-RoPE)."""
     from kvrecall.models import cache_kwargs, kv_to_cache, output_cache
 
+    from kvrecall.passcode import ANSWER_TOKENS
+
+    max_new = ANSWER_TOKENS if max_new is None else max_new
     cache = kv_to_cache(model, kv)
     pos, nxt, out = kv.shape[3], last_id, []
     with torch.no_grad():

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import re
 import statistics
 import sys
 import time
@@ -132,22 +130,6 @@ def kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> float:
     lp = torch.log_softmax(dense_logits.double(), -1)
     lq = torch.log_softmax(logits.double(), -1)
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
-
-
-# ------------------------------------------------------------------------------------------- passcode task
-def passcode_prompt(tok, text_ids: torch.Tensor, n_tokens: int, depth: float, code: str) -> torch.Tensor:
-    """Chat prompt of about ``n_tokens``: a book excerpt with the passcode sentence planted at ``depth``."""
-    needle = f" The secret passcode is {code}. Remember the passcode {code}. "
-    question = "\n\nWhat is the secret passcode in the text above? Answer with the five digits only."
-    overhead = len(tok(needle).input_ids) + len(tok(question).input_ids) + 40
-    body = tok.decode(text_ids[1 : max(16, n_tokens - overhead)])
-    cut = int(len(body) * depth)
-    text = body[:cut] + needle + body[cut:] + question
-    if getattr(tok, "chat_template", None):
-        enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-        return enc["input_ids"][0]
-    return torch.tensor(tok(text).input_ids)
 
 
 # ------------------------------------------------------------------------------------------- scoring speed
@@ -263,26 +245,25 @@ def memory_and_breakdown(cache, s_per_tok: float, n_new: int) -> dict:
             "step_ms": step_ms, **per}
 
 
-def passcode_rows(model, tok, profile, args, T, book_ids, methods, bar):
-    rng = random.Random(T)
-    results = {m: [] for m in methods}
-    for case in range(args.passcode_cases):
-        depth = 0.1 + 0.8 * case / max(1, args.passcode_cases - 1)
-        code = f"{rng.randrange(10000, 100000)}"
-        start = rng.randrange(0, max(1, book_ids.numel() - T - 1))
-        prompt = passcode_prompt(tok, book_ids[start : start + T + 200], T, depth, code)
-        from kvrecall.models import prefill_kv
+def passcode_rows(model, tok, profile, args, T, texts, methods, bar):
+    """Passcode accuracy per method at ``T`` tokens on :func:`kvrecall.passcode.make_cases` (depths 10-90%, chat
+    template, ``ANSWER_TOKENS`` greedy tokens, the first five-digit number of the answer must be the passcode)."""
+    from kvrecall.models import prefill_kv
+    from kvrecall.passcode import ANSWER_TOKENS, make_cases
 
+    results = {m: [] for m in methods}
+    for case in make_cases(tok, texts, args.passcode_cases, T, seed=T):
+        prompt = case.input_ids
         kv = prefill_kv(model, prompt[:-1])
         for method in methods:
             cache = make_cache(model, profile, method, args.main_budget, args, kv)
-            toks, _ = greedy(model, cache, prompt, 8)
+            toks, _ = greedy(model, cache, prompt, ANSWER_TOKENS)
             restore(model, cache)
-            answer = tok.decode(toks)
-            results[method].append(code in re.sub(r"\s", "", answer))
+            results[method].append(case.is_correct(tok.decode(toks)))
             bar.update(1)
     return [{"context": T, "method": m, "budget": None if m == "dense" else args.main_budget,
-             "passcode_accuracy": sum(v) / len(v), "passcode_cases": len(v)} for m, v in results.items()]
+             "passcode_accuracy": sum(v) / len(v), "passcode_cases": len(v), "per_case": v}
+            for m, v in results.items()]
 
 
 def speed_rows(model, profile, args, T, kv_real, methods, budgets, bar):
@@ -565,8 +546,7 @@ def main(argv=None) -> int:
         profile = calibrate(model, cal, model_id=args.model, bits=8 if q else 10, niter=4, progress=not q,
                             chunk=min(512 if q else 1024, int(model.config.max_position_embeddings)))
     eval_ids = long_token_ids(tok, read_texts(SHARED / "data" / "texts" / "state_union"), max(contexts))
-    book_ids = long_token_ids(tok, read_texts(SHARED / "data" / "texts" / "gutenberg")[::-1],
-                              max(contexts) * 2 + 400)
+    book_texts = read_texts(SHARED / "data" / "texts" / "gutenberg")[::-1]  # passcode excerpts
     methods = args.methods
     n_budgets = len(args.budgets)
     per_ctx = sum(n_budgets if m.startswith("ours") else 1 for m in methods)
@@ -576,7 +556,7 @@ def main(argv=None) -> int:
         for T in contexts:
             rows += quality_for_context(model, tok, profile, args, T, None, eval_ids, methods, args.budgets, bar)
             if args.passcode_cases:
-                rows += passcode_rows(model, tok, profile, args, T, book_ids, methods, bar)
+                rows += passcode_rows(model, tok, profile, args, T, book_texts, methods, bar)
         if speed_contexts:
             from kvrecall.models import prefill_kv
 
