@@ -116,3 +116,41 @@ def test_scorer_rejects_bad_settings():
         CodeScorer(_random_profile(), near=0)
     with pytest.raises(RetrieverError):
         CodeScorer(_random_profile(), band_ratio=1.0)
+
+
+@pytest.mark.parametrize("method", ["banded", "positional", "windowed"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fast_scores_equal_the_reference_twin_over_decode_steps(method, batch):
+    """``scores`` (cached band index, updated incrementally) equals ``scores_reference`` at every step of a decode
+    that appends tokens, moves the query, crosses band boundaries and grows the codes tensor."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    prof = _random_profile(seed=seed % 1000)
+    gen = torch.Generator().manual_seed(seed)
+    scorer = CodeScorer(prof, method, near=24, band_ratio=1.7)
+    k = 1 << prof.settings.bits
+    t0, steps = 300, 40
+    codes = torch.randint(0, k, (batch, 2, t0 + steps, 1), generator=gen)
+    for step in range(steps):
+        hi = t0 + step
+        pos = hi + 2
+        if step == 25:  # the cache reallocates its code buffer: a new tensor, same rows
+            codes = codes.clone()
+        for layer in range(2):
+            q = torch.randn(batch, 6, 16, generator=gen)
+            lo = int(torch.randint(0, 9, (), generator=gen))
+            got = scorer.scores(layer, q, codes, lo, hi, pos)
+            want = scorer.scores_reference(layer, q, codes, lo, hi, pos)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"seed {seed} step {step} layer {layer}")
+
+
+@pytest.mark.parametrize("shape,group,k", [((1, 6, 50), 3, 7), ((2, 6, 9000), 3, 300), ((1, 9, 20000), 3, 600),
+                                          ((2, 4, 4096), 2, 4096), ((1, 3, 100), 3, 0)])
+def test_topk_union_equals_its_reference_twin(shape, group, k):
+    from kvrecall.retriever.fast_scoring import topk_union_reference
+
+    scores = torch.randn(*shape)
+    got = topk_union(scores, group, k, offset=5)
+    want = topk_union_reference(scores, group, k, offset=5)
+    for b in range(shape[0]):
+        for h in range(shape[1] // group):
+            assert torch.equal(got[b][h], want[b][h])
