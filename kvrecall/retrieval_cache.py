@@ -41,7 +41,7 @@ from kvrecall import defaults
 from kvrecall.models import apply_rope, model_info, rope_parameters, rope_tables, undo_rope
 from kvrecall.retrieval_store import OFFLOAD_FORMS, OffloadStore, RetrievalError
 from kvrecall.retriever.codebooks import code_dtype, encode
-from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, topk_union
+from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, padded_selection, topk_union
 from kvrecall.retriever.profile import RetrieverProfile
 from kvrecall.retriever.selection import resolve_budget
 
@@ -311,14 +311,8 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
             o.probe(self, q_pre, chosen, lo, n_off, k, pos)
             t1 = time.perf_counter()
         # ---- gather only the selected rows
-        counts = [[len(c) for c in row] for row in chosen]
-        s_max = max(max(r) for r in counts) if n_off > lo else 0
-        idx = torch.zeros(b, o.info.num_kv_heads, s_max, dtype=torch.int64)
-        valid = torch.zeros(b, o.info.num_kv_heads, s_max, dtype=torch.bool)
-        for bi, row in enumerate(chosen):
-            for h, c in enumerate(row):
-                idx[bi, h, : len(c)] = c.cpu()
-                valid[bi, h, : len(c)] = True
+        idx, valid = padded_selection(chosen)
+        s_max = idx.shape[2]
         t2 = time.perf_counter()
         o.timings["select"] += t2 - t1
         sel_k, sel_v = self.store.gather(idx, query.device) if s_max else (key_pre[:, :, :0], value[:, :, :0])

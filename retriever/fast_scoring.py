@@ -30,7 +30,7 @@ from kvrecall.models import apply_rope, rope_tables
 from kvrecall.retriever.errors import RetrieverError
 from kvrecall.retriever.profile import RetrieverProfile
 
-__all__ = ["SCORERS", "CodeScorer", "topk_union", "topk_union_reference"]
+__all__ = ["SCORERS", "CodeScorer", "padded_selection", "topk_union", "topk_union_reference"]
 
 SCORERS = ("banded", "positional", "windowed")
 
@@ -428,3 +428,28 @@ def topk_union(scores: torch.Tensor, group: int, k: int, offset: int = 0) -> lis
     cols = mask.nonzero()[:, 2] + offset
     parts = cols.split(mask.sum(-1).reshape(-1).tolist())
     return [[parts[bi * hkv + h] for h in range(hkv)] for bi in range(b)]
+
+
+def padded_selection(chosen: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-(row, KV head) index lists of :func:`topk_union` as one padded block, on the CPU.
+
+    Parameters
+    ----------
+    chosen : list (B) of lists (Hkv) of int64 token indices (any lengths, any device).
+
+    Returns
+    -------
+    idx : Tensor[B, Hkv, S], int64, S = the longest list; padding rows hold 0.
+    valid : Tensor[B, Hkv, S], bool, True where ``idx`` holds a selected token.
+    """
+    b, hkv = len(chosen), len(chosen[0]) if chosen else 0
+    flat = [c.reshape(-1).to("cpu", torch.int64) for row in chosen for c in row]
+    if len(flat) != b * hkv:
+        raise ValueError("every batch row must select for the same number of KV heads")
+    lengths = torch.tensor([c.numel() for c in flat], dtype=torch.int64)
+    s_max = int(lengths.max()) if flat else 0
+    if s_max == 0:
+        return torch.zeros(b, hkv, 0, dtype=torch.int64), torch.zeros(b, hkv, 0, dtype=torch.bool)
+    idx = torch.nn.utils.rnn.pad_sequence(flat, batch_first=True, padding_value=0).reshape(b, hkv, s_max)
+    valid = (torch.arange(s_max)[None, :] < lengths[:, None]).reshape(b, hkv, s_max)
+    return idx, valid

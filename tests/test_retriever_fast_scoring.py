@@ -154,3 +154,18 @@ def test_topk_union_equals_its_reference_twin(shape, group, k):
     for b in range(shape[0]):
         for h in range(shape[1] // group):
             assert torch.equal(got[b][h], want[b][h])
+
+
+def test_padded_selection_holds_each_list_in_order_and_marks_padding():
+    from kvrecall.retriever.fast_scoring import padded_selection
+
+    lengths = torch.randint(0, 30, (2, 3))
+    chosen = [[torch.randperm(100)[: int(n)].sort().values for n in row] for row in lengths]
+    idx, valid = padded_selection(chosen)
+    assert idx.shape == valid.shape == (2, 3, int(lengths.max()))
+    for b in range(2):
+        for h in range(3):
+            n = int(lengths[b, h])
+            assert torch.equal(idx[b, h, :n], chosen[b][h]) and valid[b, h, :n].all() and not valid[b, h, n:].any()
+    empty_idx, empty_valid = padded_selection([[torch.empty(0, dtype=torch.int64)] * 3])
+    assert empty_idx.shape == empty_valid.shape == (1, 3, 0)
