@@ -92,6 +92,12 @@ class CodeScorer:
         t = self._decoded if self._decoded is not None else self._codebooks
         return t.numel() * t.element_size()
 
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the per-sequence scoring state kept across steps (the ``code + K * band`` index of every
+        layer, int64 per token and KV head); it sits beside the codes in resident memory."""
+        return sum(st["idx"].numel() * st["idx"].element_size() for st in self._state.values())
+
     # ------------------------------------------------------------------ pieces
     def _rotate_queries(self, q: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
         """``q [B, Hq, D]`` pre-RoPE -> ``[B, Hq, n, D]`` rotated by each of ``distances [n]``."""
