@@ -546,7 +546,7 @@ class RetrievalCache(_RefusesReshaping, Cache):
         -------
         dict with ``resident_bytes`` (codes + sink + window rows of every layer, per cache: what would sit in
         GPU memory), ``codebook_bytes`` (per-model decoded codebooks, shared by all sequences, reported apart),
-        ``scorer_state_bytes`` (the fast scorer's per-layer band index, int64 per stored token and KV head: kept
+        ``scorer_state_bytes`` (the fast scorer's per-layer band index, int16 per stored token and KV head: kept
         across steps for speed, not counted in ``resident_bytes``),
         ``offloaded_bytes`` (the store), ``dense_fp16_bytes`` (the same tokens as an fp16 KV cache), ``tokens``,
         ``batch``, ``mean_selected`` (rows attended per KV head per decode step, averaged over layers and steps),

@@ -95,7 +95,7 @@ class CodeScorer:
     @property
     def state_bytes(self) -> int:
         """Bytes of the per-sequence scoring state kept across steps (the ``code + K * band`` index of every
-        layer, int64 per token and KV head); it sits beside the codes in resident memory."""
+        layer, int16 per token and KV head while it fits); it sits beside the codes in resident memory."""
         return sum(st["idx"].numel() * st["idx"].element_size() for st in self._state.values())
 
     # ------------------------------------------------------------------ pieces
@@ -221,7 +221,8 @@ class CodeScorer:
         return torch.bucketize(distances, bounds, right=True)
 
     def _index(self, layer: int, codes: torch.Tensor, hi: int, pos: int) -> torch.Tensor:
-        """``code + K * band`` (int64) of tokens ``0 .. hi-1`` for a query at ``pos``: ``[B, Hkv, >= hi]``.
+        """``code + K * band`` of tokens ``0 .. hi-1`` for a query at ``pos``: ``[B, Hkv, >= hi]``, int16 while
+        every ``band * K + code`` fits (int32 beyond), widened to int64 only per step where it is used.
 
         Kept per layer across steps: codes of stored tokens never change, so only new tokens are converted,
         and a step that moves the query by a few positions only bumps the tokens crossing a band boundary.
@@ -234,10 +235,12 @@ class CodeScorer:
               and st["idx"].shape[:2] == codes.shape[:2])
         if not ok:
             b, hkv = codes.shape[:2]
-            idx = torch.empty(b, hkv, max(hi, 256), dtype=torch.int64, device=codes.device)
+            idx = torch.empty(b, hkv, max(hi, 256), dtype=self._index_dtype(pos), device=codes.device)
             st = {"ref": weakref.ref(codes), "pos": pos, "n": 0, "idx": idx}
             self._state[layer] = st
         idx = st["idx"]
+        if idx.dtype != self._index_dtype(pos) and idx.dtype == torch.int16:  # more bands than int16 holds
+            st["idx"] = idx = idx.to(torch.int32)
         if pos != st["pos"]:  # tokens whose distance crossed a boundary move one band out
             for bound in self._boundaries(pos):
                 s, e = max(0, st["pos"] - bound + 1), min(st["n"], pos - bound + 1)
@@ -251,9 +254,14 @@ class CodeScorer:
                 grown[:, :, :n] = idx[:, :, :n]
                 st["idx"] = idx = grown
             band = self._band_of(pos - torch.arange(n, hi, device=codes.device))
-            torch.add(codes[:, :, n:hi, 0].long(), band * k, out=idx[:, :, n:hi])
+            idx[:, :, n:hi] = (codes[:, :, n:hi, 0].long() + band * k).to(idx.dtype)
             st["n"] = hi
         return idx
+
+    def _index_dtype(self, pos: int) -> torch.dtype:
+        """int16 when ``band * K + code`` of every band up to distance ``pos`` (and the next) fits, else int32."""
+        n_bands = len(self._boundaries(pos)) + 1
+        return torch.int16 if (n_bands + 1) * (1 << self.settings.bits) <= 32767 else torch.int32
 
     def _key_tables(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE ``cos, sin [end - start, D]`` of positions ``start .. end-1``, sliced from a table shared by all
@@ -318,12 +326,12 @@ class CodeScorer:
             lut = torch.bmm(qm, self._decoded[layer].transpose(1, 2))  # [Hkv, B*g*nb, K]
             k = lut.shape[-1]
             lut = lut.reshape(hkv, b, g, n_bands * k).transpose(0, 1)  # [B, Hkv, g, nb*K]
-            far_idx = idx[:, :, None, lo:far_end].expand(b, hkv, g, far_end - lo)
+            far_idx = idx[:, :, None, lo:far_end].long().expand(b, hkv, g, far_end - lo)
             parts.append(lut.gather(3, far_idx))
         if hi > far_end:
             s = max(lo, far_end)
             k = self._decoded.shape[2]
-            rows = idx[:, :, s:hi] + (torch.arange(hkv, device=idx.device) * k)[:, None]
+            rows = idx[:, :, s:hi].long() + (torch.arange(hkv, device=idx.device) * k)[:, None]
             keys = self._decoded[layer].reshape(hkv * k, d).index_select(0, rows.reshape(-1)).reshape(b, hkv, -1, d)
             cos, sin = self._key_tables(s, hi)
             keys = apply_rope(keys, cos, sin)

@@ -97,8 +97,8 @@ def test_resident_and_offloaded_byte_accounting(stories_setup, form, row_bytes):
     code_bytes = layers * hkv * n_off * 1  # 6-bit codes stored as uint8
     rows = layers * hkv * (4 + 16) * d * 2 * 4  # sinks + window, K and V, fp32
     assert st["resident_bytes"] == code_bytes + rows
-    # the banded scorer's band index: int64 per scored token and KV head of each layer (grown with headroom)
-    assert layers * hkv * (n_off - 4) * 8 <= st["scorer_state_bytes"] <= layers * hkv * max(2 * n_off, 256) * 8
+    # the banded scorer's band index: int16 per scored token and KV head of each layer (grown with headroom)
+    assert layers * hkv * (n_off - 4) * 2 <= st["scorer_state_bytes"] <= layers * hkv * max(2 * n_off, 256) * 2
     assert st["dense_fp16_bytes"] == layers * 2 * hkv * d * 2 * tokens
     assert st["codebook_bytes"] == layers * hkv * 64 * d * 4
     assert set(st["timings_ms"]) >= {"score", "select", "gather", "attend"}

@@ -119,14 +119,15 @@ def test_scorer_rejects_bad_settings():
 
 
 @pytest.mark.parametrize("method", ["banded", "positional", "windowed"])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_fast_scores_equal_the_reference_twin_over_decode_steps(method, batch):
+@pytest.mark.parametrize("batch,bits", [(1, 6), (2, 6), (1, 12)])
+def test_fast_scores_equal_the_reference_twin_over_decode_steps(method, batch, bits):
     """``scores`` (cached band index, updated incrementally) equals ``scores_reference`` at every step of a decode
-    that appends tokens, moves the query, crosses band boundaries and grows the codes tensor."""
+    that appends tokens, moves the query, crosses band boundaries and grows the codes tensor (12 bits with many
+    narrow bands: the index outgrows int16 and is kept as int32)."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    prof = _random_profile(seed=seed % 1000)
+    prof = _random_profile(seed=seed % 1000, bits=bits)
     gen = torch.Generator().manual_seed(seed)
-    scorer = CodeScorer(prof, method, near=24, band_ratio=1.7)
+    scorer = CodeScorer(prof, method, near=24 if bits == 6 else 3, band_ratio=1.7 if bits == 6 else 1.3)
     k = 1 << prof.settings.bits
     t0, steps = 300, 40
     codes = torch.randint(0, k, (batch, 2, t0 + steps, 1), generator=gen)
@@ -141,6 +142,8 @@ def test_fast_scores_equal_the_reference_twin_over_decode_steps(method, batch):
             got = scorer.scores(layer, q, codes, lo, hi, pos)
             want = scorer.scores_reference(layer, q, codes, lo, hi, pos)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"seed {seed} step {step} layer {layer}")
+    if method == "banded":
+        assert scorer._state[0]["idx"].dtype == (torch.int16 if bits == 6 else torch.int32)
 
 
 @pytest.mark.parametrize("shape,group,k", [((1, 6, 50), 3, 7), ((2, 6, 9000), 3, 300), ((1, 9, 20000), 3, 600),
@@ -169,3 +172,18 @@ def test_padded_selection_holds_each_list_in_order_and_marks_padding():
             assert torch.equal(idx[b, h, :n], chosen[b][h]) and valid[b, h, :n].all() and not valid[b, h, n:].any()
     empty_idx, empty_valid = padded_selection([[torch.empty(0, dtype=torch.int64)] * 3])
     assert empty_idx.shape == empty_valid.shape == (1, 3, 0)
+
+
+def test_band_index_widens_from_int16_to_int32_and_stays_exact():
+    prof = _random_profile(bits=12, seed=3)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    scorer = CodeScorer(prof, "banded", near=24, band_ratio=2.0)
+    codes = torch.randint(0, 1 << 12, (1, 2, 1000, 1), generator=gen)
+    dtypes = []
+    for pos in range(200, 1001, 100):  # bands grow with the distance: 8 x 4096 no longer fits int16
+        q = torch.randn(1, 6, 16, generator=gen)
+        got = scorer.scores(0, q, codes, 4, min(pos, 1000), pos)
+        torch.testing.assert_close(got, scorer.scores_reference(0, q, codes, 4, min(pos, 1000), pos),
+                                   rtol=1e-4, atol=1e-4)
+        dtypes.append(scorer._state[0]["idx"].dtype)
+    assert dtypes[0] == torch.int16 and dtypes[-1] == torch.int32
