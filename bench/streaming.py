@@ -138,7 +138,8 @@ def qa(model, tok, args, profile, rng) -> list[dict]:
                        ("mean-key", dict(scorer="mean-key", positions="contiguous", selection="per-layer")),
                        ("mean-key-glob", dict(scorer="mean-key", positions="contiguous", selection="global")),
                        ("window", dict(top_blocks=0)),
-                       ("true-pos", dict(scorer="codes", positions="true", selection="global"))]
+                       ("true-pos", dict(scorer="codes", positions="true", selection="global")),
+                       ("codes-pos", dict(scorer="codes-positional", positions="contiguous", selection="global"))]
             for name, kw in methods:
                 saved = {k: getattr(s, k) for k in kw}
                 for k, v in kw.items():
@@ -165,7 +166,7 @@ def summarize_qa(rows: list[dict]) -> list[dict]:
     table = []
     for length in sorted({r["length"] for r in rows}):
         rs = [r for r in rows if r["length"] == length]
-        for name in ("full", "codes", "codes-layer", "mean-key", "mean-key-glob", "true-pos", "window"):
+        for name in ("full", "codes", "codes-pos", "codes-layer", "mean-key", "mean-key-glob", "true-pos", "window"):
             got = [r[name] for r in rs if name in r]
             if not got:
                 continue

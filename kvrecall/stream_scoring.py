@@ -12,6 +12,8 @@ layer):
     all codes at the profile's fixed distance (A²ATS's windowed LUT, position-free like the blocks' placement),
     scores become attention weights over all stored tokens per (question token, head), and a block's score is
     the attention mass its tokens receive, averaged over question tokens and heads.
+    ``scorer="codes-positional"`` scores the same codes at each token's true distance from the question (the
+    banded scorer: exact relative RoPE within ``near`` tokens, one LUT per distance band beyond).
 ``EmbeddingBlockScorer`` (external, ``scorer=EmbeddingBlockScorer(embedder, tokenizer)``)
     Cosine similarity of the question's text and each block's text under a sentence embedder (text streams
     only).
@@ -50,11 +52,12 @@ def code_scores(scorer, codes: torch.Tensor, q: torch.Tensor, block: int, distan
 
     Parameters
     ----------
-    scorer : kvrecall.retriever.fast_scoring.CodeScorer (``"windowed"``; its profile's ``window_distance``).
+    scorer : kvrecall.retriever.fast_scoring.CodeScorer: ``"windowed"`` (every token at the profile's
+        ``window_distance``) or ``"banded"`` (every token at its true distance from the question).
     codes : Tensor[layers, kv_heads, n_blocks * block, m] — codes of every stored token, in stream order.
     q : Tensor[layers, heads, tokens, dim] — the question's pre-RoPE queries.
     block : tokens per block.
-    distance : the scorer's fixed query-key distance (for the position argument).
+    distance : the question's distance from the last stored token (windowed: the profile's fixed distance).
     """
     layers, heads, tokens, dim = q.shape
     n = codes.shape[2]

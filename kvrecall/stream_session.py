@@ -53,7 +53,8 @@ __all__ = ["StreamSession", "StreamError", "AskResult", "POSITIONS", "SCORERS", 
 
 POSITIONS = ("contiguous", "true")
 SELECTIONS = ("global", "per-layer")
-SCORERS = ("codes", "mean-key")
+SCORERS = ("codes", "codes-positional", "mean-key")
+CODE_SCORERS = ("codes", "codes-positional")
 STREAM_WINDOW = defaults.STREAM_WINDOW
 STREAM_BLOCK = defaults.STREAM_BLOCK
 STREAM_TOP_BLOCKS = defaults.STREAM_TOP_BLOCKS
@@ -118,7 +119,9 @@ class StreamSession:
         Blocks loaded per layer at ``ask`` (0: window only).
     level : codec level of blocks (``kvrecall.encoder.LEVELS``) or ``"fp16"`` / ``"exact"`` (raw).
     positions : ``"contiguous"`` or ``"true"``.
-    scorer : ``"codes"`` (needs ``retriever_profile``), ``"mean-key"`` (ReKV), or a callable
+    scorer : ``"codes"`` (needs ``retriever_profile``; codes scored at the profile's fixed distance),
+        ``"codes-positional"`` (the same codes scored at each token's true distance from the question: exact
+        relative RoPE within 1,024 tokens, distance bands beyond), ``"mean-key"`` (ReKV), or a callable
         ``(session, question_ids) -> Tensor[n_blocks] | Tensor[layers, n_blocks]``.
     selection : ``"global"`` (default: per-layer scores z-scored and averaged, the same blocks for every layer)
         or ``"per-layer"`` (ReKV: each layer its own top blocks).
@@ -152,8 +155,8 @@ class StreamSession:
             scorer = "codes" if retriever_profile is not None else "mean-key"
         if not callable(scorer) and scorer not in SCORERS:
             raise StreamError(f"scorer must be one of {SCORERS} or a callable, got {scorer!r}")
-        if scorer == "codes" and retriever_profile is None:
-            raise StreamError("scorer='codes' needs a retriever_profile")
+        if scorer in CODE_SCORERS and retriever_profile is None:
+            raise StreamError(f"scorer={scorer!r} needs a retriever_profile")
         if retriever_profile is not None:
             from kvrecall.retriever.errors import RetrieverError
 
@@ -182,6 +185,7 @@ class StreamSession:
         self.indexes = [faiss.IndexFlatIP(H * D) for _ in range(L)]
         self._codes: list[torch.Tensor] = []  # per block [L, H, block, m]
         self._code_scorer = None
+        self._positional_scorer = None
         self.closed = False
         self.stop_ids = eos_ids(model)
         self.last: AskResult | None = None
@@ -318,11 +322,16 @@ class StreamSession:
             return s
         if self.scorer == "mean-key":
             return mean_key_scores(self.indexes, q.cpu(), self.info.num_kv_heads, n_blocks)
-        if self._code_scorer is None:
-            from kvrecall.retriever.fast_scoring import CodeScorer
+        from kvrecall.retriever.fast_scoring import CodeScorer
 
-            self._code_scorer = CodeScorer(self.retriever_profile, "windowed")
         codes = torch.cat(self._codes, dim=2)
+        if self.scorer == "codes-positional":  # stored token i sits at stream position first + i
+            if self._positional_scorer is None:
+                self._positional_scorer = CodeScorer(self.retriever_profile, "banded")
+            distance = self.n_tokens - self.block_ranges[0][0] - codes.shape[2]
+            return code_scores(self._positional_scorer, codes, q.cpu(), self.block, distance)
+        if self._code_scorer is None:
+            self._code_scorer = CodeScorer(self.retriever_profile, "windowed")
         return code_scores(self._code_scorer, codes, q.cpu(), self.block,
                            self.retriever_profile.settings.window_distance)
 
@@ -501,11 +510,11 @@ class StreamSession:
         if st["codec_profile_id"] != getattr(codec_profile, "profile_id", None):
             raise StreamError(f"session {session_id!r} was written with codec profile {st['codec_profile_id']}")
         if st["retriever"] and retriever_profile is None and overrides.get("scorer", st["settings"]["scorer"]) \
-                == "codes":
+                in CODE_SCORERS:
             raise StreamError(f"session {session_id!r} uses key codes: pass its retriever_profile")
         settings = {**st["settings"], **overrides}
         if not st["retriever"] or retriever_profile is None:
-            settings["scorer"] = settings["scorer"] if settings["scorer"] != "codes" else "mean-key"
+            settings["scorer"] = settings["scorer"] if settings["scorer"] not in CODE_SCORERS else "mean-key"
         s = cls(model, store, retriever_profile if st["retriever"] else None, codec_profile,
                 session_id=session_id, **settings)
         s.n_tokens = int(st["n_tokens"])

@@ -220,3 +220,31 @@ def test_external_embedding_scorer_finds_the_fact(smol_stream):
     finally:
         s.scorer = previous
     assert any(f in s.last.blocks[0] for f in fact) and CODE in answer
+
+
+def test_positional_code_scores_equal_decoded_keys_at_true_distances(hd64, hd64_ids, hd64_profile):
+    """``scorer="codes-positional"``: each block's score is the attention mass its tokens get when their decoded
+    keys sit at their true stream positions and the question at the stream's end (exact within ``near``)."""
+    from kvrecall.models import apply_rope, rope_tables
+
+    model, _ = hd64
+    s = _stream(model, hd64_ids[:500], window=96, block=32, sinks=4, top_blocks=3, retriever_profile=hd64_profile,
+                scorer="codes-positional")
+    info = s.info
+    q = torch.randn(info.num_layers, model.config.num_attention_heads, 5, info.head_dim)
+    got = s._block_scores(q, hd64_ids[500:505])
+    codes = torch.cat(s._codes, dim=2)  # [L, Hkv, n, 1]
+    first, n = s.block_ranges[0][0], codes.shape[2]
+    decoded = torch.einsum("lhkd,lhed->lhke", hd64_profile.codebooks[:, :, 0], hd64_profile.query_transform)
+    inv_freq = hd64_profile.inv_freq
+    cos_k, sin_k = rope_tables(inv_freq, torch.arange(first, first + n), 1.0)
+    cos_q, sin_q = rope_tables(inv_freq, torch.tensor([s.n_tokens]), 1.0)
+    g = q.shape[1] // info.num_kv_heads
+    for layer in range(info.num_layers):
+        keys = torch.stack([decoded[layer, h][codes[layer, h, :, 0].long()] for h in range(info.num_kv_heads)])
+        keys = apply_rope(keys, cos_k, sin_k).repeat_interleave(g, dim=0)  # [Hq, n, D]
+        qr = apply_rope(q[layer].float(), cos_q, sin_q)  # [Hq, tokens, D]
+        w = torch.softmax(qr @ keys.transpose(1, 2) / info.head_dim ** 0.5, dim=-1)  # [Hq, tokens, n]
+        want = w.reshape(*w.shape[:2], n // 32, 32).sum(-1).mean(dim=(0, 1))
+        torch.testing.assert_close(got[layer], want, rtol=1e-3, atol=1e-5)
+    assert s.ask(hd64_ids[500:510], max_new_tokens=2).numel() == 2
