@@ -510,6 +510,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kl-positions", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--speed-tokens", type=int, default=None)
+    ap.add_argument("--speed-only", action="store_true",
+                    help="skip the quality and passcode runs (--contexts only sets the real KV tiled for speed)")
     ap.add_argument("--passcode-cases", type=int, default=None)
     ap.add_argument("--sinks", type=int, default=8)
     ap.add_argument("--window", type=int, default=64)
@@ -551,10 +553,11 @@ def main(argv=None) -> int:
     methods = args.methods
     n_budgets = len(args.budgets)
     per_ctx = sum(n_budgets if m.startswith("ours") else 1 for m in methods)
-    total = len(contexts) * (per_ctx + args.passcode_cases * len(methods)) + len(speed_contexts) * per_ctx
+    total = (0 if args.speed_only else len(contexts) * (per_ctx + args.passcode_cases * len(methods))) \
+        + len(speed_contexts) * per_ctx
     rows = []
     with tqdm(total=total, desc="decode bench", unit="run", disable=None) as bar:
-        for T in contexts:
+        for T in contexts if not args.speed_only else []:
             rows += quality_for_context(model, tok, profile, args, T, None, eval_ids, methods, args.budgets, bar)
             if args.passcode_cases:
                 rows += passcode_rows(model, tok, profile, args, T, book_texts, methods, bar)
