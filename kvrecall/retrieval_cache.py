@@ -31,6 +31,7 @@ reference.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import defaultdict
@@ -304,7 +305,9 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         q_pre = undo_rope(query[:, :, 0], cos.to(query.dtype), sin.to(query.dtype)).float()
         if o.rope_scaling != 1.0:
             q_pre = q_pre / o.rope_scaling
-        chosen = self._choose(q_pre.to(o.index_device), lo, n_off, k, pos)
+        rerank = o.rerank > 1.0 and o.selector is None and k < n_off - lo
+        k_pick = min(n_off - lo, int(math.ceil(o.rerank * k))) if rerank else k
+        chosen = self._choose(q_pre.to(o.index_device), lo, n_off, k_pick, pos)
         t1 = time.perf_counter()
         o.timings["score"] += t1 - t0
         if o.probe is not None:  # measurement hook (bench): sees the step's query and selection
@@ -319,6 +322,11 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         self.last_gathered = s_max
         t3 = time.perf_counter()
         o.timings["gather"] += t3 - t2
+        if rerank and s_max:
+            idx, valid, sel_k, sel_v = self._rerank(query, idx, valid, sel_k, sel_v, k, scale)
+            t4 = time.perf_counter()
+            o.timings["select"] += t4 - t3
+            t3 = t4
         # ---- attend over sinks + selected + window
         n_sink, n_win = self.sink_k.shape[2], self.win_k.shape[2]
         dev = query.device
@@ -339,6 +347,29 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
             out = self._attend_torch(query, keys, values, positions, live, scale)
         o.timings["attend"] += time.perf_counter() - t3
         return out
+
+    def _rerank(self, query, idx, valid, sel_k, sel_v, k: int, scale: float):
+        """Exact scores of the gathered candidates ``[B, Hkv, C]``; keep each query head's top-``k`` (unioned per
+        GQA group), compacted to ``[B, Hkv, S]`` with ``S <= C``."""
+        o = self.owner
+        b, hq, _, d = query.shape
+        hkv, c = idx.shape[1], idx.shape[2]
+        g = hq // hkv
+        dev = query.device
+        keys = self._rotated(sel_k, idx.to(dev) + o.offset).float()
+        q = query[:, :, 0].reshape(b, hkv, g, d).float()
+        logits = torch.matmul(q, keys.transpose(2, 3)) * scale  # [B, Hkv, g, C]
+        live = valid.to(dev)
+        logits = logits.masked_fill(~live[:, :, None, :], float("-inf"))
+        top = logits.topk(min(k, c), dim=-1).indices  # [B, Hkv, g, k]
+        keep = torch.zeros(b, hkv, c, dtype=torch.bool, device=dev)
+        keep.scatter_(2, top.reshape(b, hkv, -1), True)
+        keep &= live
+        s_new = int(keep.sum(-1).max())
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :, :s_new]  # kept first, in order
+        rows = order[..., None].expand(b, hkv, s_new, d)
+        return (idx.gather(2, order.cpu()), keep.gather(2, order).cpu(), sel_k.gather(2, rows),
+                sel_v.gather(2, rows))
 
     def _choose(self, q_pre: torch.Tensor, lo: int, n_off: int, k: int, pos: int) -> list[list[torch.Tensor]]:
         o = self.owner
@@ -400,6 +431,10 @@ class RetrievalCache(_RefusesReshaping, Cache):
         ``"int4"``.
     scorer : ``"banded"``, ``"positional"`` or ``"windowed"`` (see :mod:`kvrecall.retriever.fast_scoring`).
     near, band_ratio : banded scorer settings.
+    rerank : float >= 1. Above 1, codes pick ``ceil(rerank * k)`` candidates per query head; their rows are
+        gathered and scored exactly (dequantized keys at true positions), and attention runs over each query
+        head's exact top-``k`` among them (unioned per GQA group). Costs ``rerank`` times the gathered rows;
+        1.0 (default) attends the codes' top-``k`` directly.
     backend : ``"torch"`` or ``"triton"`` (the kernels; on CPU only under ``TRITON_INTERPRET=1``).
     selector : optional callable ``(layer, q_pre [B, Hq, D], lo, n_off, k, pos) -> list[list[indices]]``
         replacing code scoring (oracle / Quest / StreamingLLM baselines in the same runtime).
@@ -426,6 +461,7 @@ class RetrievalCache(_RefusesReshaping, Cache):
         band_ratio: float = defaults.RETRIEVAL_BAND_RATIO,
         backend: str = "torch",
         selector=None,
+        rerank: float = 1.0,
     ) -> None:
         from kvrecall.retriever.errors import RetrieverError
 
@@ -449,12 +485,15 @@ class RetrievalCache(_RefusesReshaping, Cache):
             raise RetrievalError(f"scorer must be one of {SCORERS}, got {scorer!r}")
         if backend not in BACKENDS:
             raise RetrievalError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(rerank, bool) or not isinstance(rerank, (int, float)) or not rerank >= 1.0:
+            raise RetrievalError(f"rerank must be a number >= 1.0, got {rerank!r}")
         self.model, self.profile = model, profile
         self.info = model_info(model)
         self.inv_freq, self.rope_scaling = rope_parameters(model)
         self.budget, self.sinks, self.window = budget, sinks, window
         self.prefill_chunk, self.offload, self.backend = prefill_chunk, offload, backend
         self.selector = selector
+        self.rerank = float(rerank)
         self.probe = None
         self.offset = 0
         self.index_device = next(model.parameters()).device

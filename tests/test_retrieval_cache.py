@@ -195,3 +195,31 @@ def test_full_budget_reproduces_dense_greedy_smollm2(texts_path):
     cache = RetrievalCache(model, prof, budget=1.0, sinks=8, window=64)
     out = _generate(model, ids, cache, n=8)
     assert torch.equal(out, dense)
+
+
+def test_rerank_over_every_token_is_the_oracle_selection(stories_setup):
+    """rerank so large that every stored token is a candidate: exact top-k of exact rows = the oracle selector."""
+    from kvrecall.retrieval_baselines import oracle_selector
+
+    model, _, prof, ids, _ = stories_setup
+    cache = RetrievalCache(model, prof, budget=6, sinks=4, window=16, offload="exact", rerank=1000.0)
+    out = _generate(model, ids, cache, n=8)
+    oracle = RetrievalCache(model, prof, budget=6, sinks=4, window=16, offload="exact", selector=oracle_selector)
+    want = _generate(model, ids, oracle, n=8)
+    assert torch.equal(out, want)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    for layer in cache.layers:  # every stored token gathered as a candidate; attended rows bounded by k per head
+        assert layer.last_gathered == layer.n_off - 4 and layer.last_attended <= 4 + 6 * group + 16
+    assert cache.stats()["mean_selected"] == pytest.approx(oracle.stats()["mean_selected"])
+
+
+def test_rerank_two_keeps_the_budget_and_rejects_bad_values(stories_setup):
+    model, _, prof, ids, _ = stories_setup
+    cache = RetrievalCache(model, prof, budget=5, sinks=4, window=16, rerank=2.0)
+    _generate(model, ids, cache, n=4)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    for layer in cache.layers:
+        assert layer.last_gathered <= 10 * group and layer.last_attended <= 4 + 5 * group + 16
+    for bad in (0.5, "2", True, float("nan")):
+        with pytest.raises(RetrievalError, match="rerank"):
+            RetrievalCache(model, prof, rerank=bad)
