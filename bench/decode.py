@@ -55,7 +55,7 @@ def make_cache(model, profile, method: str, budget, args, kv):
     scorer = method.split(":", 1)[1] if method.startswith("ours") and ":" in method else args.scorer
     return RetrievalCache.from_kv(model, profile, kv, budget=budget, sinks=args.sinks, window=args.window,
                                   offload=args.offload if method.startswith("ours") else "exact",
-                                  scorer=scorer, selector=SELECTORS.get(method))
+                                  scorer=scorer, selector=SELECTORS.get(method), rerank=args.rerank)
 
 
 def restore(model, cache):
@@ -507,6 +507,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="*", default=["dense", "ours", "oracle", "streamingllm", "quest"])
     ap.add_argument("--scorer", default="banded")
     ap.add_argument("--offload", default="int8")
+    ap.add_argument("--rerank", type=float, default=None,
+                    help="candidates per head as a multiple of the budget, rescored exactly (default: kvrecall.defaults)")
     ap.add_argument("--kl-positions", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--speed-tokens", type=int, default=None)
@@ -540,6 +542,9 @@ def main(argv=None) -> int:
     args.new_tokens = args.new_tokens or (8 if q else 64)
     args.speed_tokens = args.speed_tokens or (4 if q else 16)
     args.passcode_cases = args.passcode_cases if args.passcode_cases is not None else (1 if q else 10)
+    from kvrecall import defaults
+
+    args.rerank = defaults.RETRIEVAL_RERANK if args.rerank is None else args.rerank
     model, tok = load_model(model_spec(args.model))
     started = time.perf_counter()
     if args.profile:
@@ -576,7 +581,8 @@ def main(argv=None) -> int:
         return "-" if v is None else format(v, spec)
 
     print(f"\n{args.model}: {elapsed:.1f} s, profile {profile.settings.kind} {profile.settings.bits} bits "
-          f"{profile.settings.rope_mode}, scorer {args.scorer}, offload {args.offload}, {args.threads} threads")
+          f"{profile.settings.rope_mode}, scorer {args.scorer}, rerank {args.rerank}, offload {args.offload}, "
+          f"{args.threads} threads")
     print(f"{'ctx':>6s} {'method':13s} {'budget':>6s} {'tok/s':>7s} {'x dense':>7s} {'KL':>8s} {'mass':>6s} "
           f"{'ratio':>6s} {'greedy':>6s} {'resid%':>7s} {'score':>6s} {'select':>6s} {'gather':>6s} {'attend':>6s} "
           f"{'rest':>6s}  (ms per step, all layers)")
@@ -601,7 +607,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"argv": sys.argv[1:], "model": args.model, "contexts": contexts, "speed_contexts": speed_contexts,
-                "budgets": args.budgets, "main_budget": args.main_budget, "scorer": args.scorer,
+                "budgets": args.budgets, "main_budget": args.main_budget, "scorer": args.scorer, "rerank": args.rerank,
                 "offload": args.offload, "threads": args.threads, "profile": str(args.profile),
                 "profile_settings": {"kind": profile.settings.kind, "bits": profile.settings.bits,
                                      "rope_mode": profile.settings.rope_mode},

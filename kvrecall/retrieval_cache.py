@@ -434,7 +434,7 @@ class RetrievalCache(_RefusesReshaping, Cache):
     rerank : float >= 1. Above 1, codes pick ``ceil(rerank * k)`` candidates per query head; their rows are
         gathered and scored exactly (dequantized keys at true positions), and attention runs over each query
         head's exact top-``k`` among them (unioned per GQA group). Costs ``rerank`` times the gathered rows;
-        1.0 (default) attends the codes' top-``k`` directly.
+        1.0 attends the codes' top-``k`` directly. Default ``kvrecall.defaults.RETRIEVAL_RERANK``.
     backend : ``"torch"`` or ``"triton"`` (the kernels; on CPU only under ``TRITON_INTERPRET=1``).
     selector : optional callable ``(layer, q_pre [B, Hq, D], lo, n_off, k, pos) -> list[list[indices]]``
         replacing code scoring (oracle / Quest / StreamingLLM baselines in the same runtime).
@@ -461,7 +461,7 @@ class RetrievalCache(_RefusesReshaping, Cache):
         band_ratio: float = defaults.RETRIEVAL_BAND_RATIO,
         backend: str = "torch",
         selector=None,
-        rerank: float = 1.0,
+        rerank: float = defaults.RETRIEVAL_RERANK,
     ) -> None:
         from kvrecall.retriever.errors import RetrieverError
 

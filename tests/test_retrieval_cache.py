@@ -55,7 +55,7 @@ def test_full_budget_through_triton_path_interpreted(stories_setup):
 def test_gathered_rows_are_the_selection_not_the_context(stories_setup):
     model, _, prof, ids, _ = stories_setup
     group = model.config.num_attention_heads // model.config.num_key_value_heads
-    cache = RetrievalCache(model, prof, budget=5, sinks=4, window=16)
+    cache = RetrievalCache(model, prof, budget=5, sinks=4, window=16, rerank=1.0)
     _generate(model, ids, cache, n=6)
     for layer in cache.layers:
         assert 5 <= layer.last_gathered <= 5 * group  # top-5 per query head, unioned over the group
