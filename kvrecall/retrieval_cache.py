@@ -352,15 +352,11 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         """Exact scores of the gathered candidates ``[B, Hkv, C]``; keep each query head's top-``k`` (unioned per
         GQA group), compacted to ``[B, Hkv, S]`` with ``S <= C``."""
         o = self.owner
-        b, hq, _, d = query.shape
-        hkv, c = idx.shape[1], idx.shape[2]
-        g = hq // hkv
+        b, hkv, c = idx.shape
+        d = query.shape[3]
         dev = query.device
-        keys = self._rotated(sel_k, idx.to(dev) + o.offset).float()
-        q = query[:, :, 0].reshape(b, hkv, g, d).float()
-        logits = torch.matmul(q, keys.transpose(2, 3)) * scale  # [B, Hkv, g, C]
         live = valid.to(dev)
-        logits = logits.masked_fill(~live[:, :, None, :], float("-inf"))
+        logits = self._logits(query, sel_k, idx.to(dev) + o.offset, live, scale)  # [B, Hkv, g, C]
         top = logits.topk(min(k, c), dim=-1).indices  # [B, Hkv, g, k]
         keep = torch.zeros(b, hkv, c, dtype=torch.bool, device=dev)
         keep.scatter_(2, top.reshape(b, hkv, -1), True)
@@ -384,15 +380,19 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         scores = o.scorer.scores(self.layer_idx, q_pre, self.codes, lo, n_off, pos)
         return topk_union(scores, o.info.group_size, k, offset=lo)
 
-    def _attend_torch(self, query, keys_pre, values, positions, live, scale):
+    def _logits(self, query, keys_pre, positions, live, scale) -> torch.Tensor:
+        """Scaled scores ``[B, Hkv, g, S]`` of the step's query against pre-RoPE keys ``[B, Hkv, S, D]`` rotated at
+        ``positions [B, Hkv, S]``; rows where ``live`` is False get ``-inf``."""
         keys = self._rotated(keys_pre, positions)
         b, hq, _, d = query.shape
         hkv = keys.shape[1]
-        g = hq // hkv
-        q = query[:, :, 0].reshape(b, hkv, g, d).float()
-        logits = torch.matmul(q, keys.float().transpose(2, 3)) * scale  # [B, Hkv, g, S]
-        logits = logits.masked_fill(~live[:, :, None, :], float("-inf"))
-        w = torch.softmax(logits, dim=-1)
+        q = query[:, :, 0].reshape(b, hkv, hq // hkv, d).float()
+        logits = torch.matmul(q, keys.float().transpose(2, 3)) * scale
+        return logits.masked_fill(~live[:, :, None, :], float("-inf"))
+
+    def _attend_torch(self, query, keys_pre, values, positions, live, scale):
+        b, hq, _, d = query.shape
+        w = torch.softmax(self._logits(query, keys_pre, positions, live, scale), dim=-1)
         out = torch.matmul(w, values.float())  # [B, Hkv, g, D]
         return out.reshape(b, hq, 1, d).to(query.dtype)
 
