@@ -514,11 +514,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def run_passcode(path: str, args: argparse.Namespace, loaded: dict) -> dict:
     """Planted-passcode accuracy with the context KV replaced by its decoded form (exact KV first)."""
-    from codec_metrics import greedy_answer, is_correct, passcode_cases
+    from codec_metrics import greedy_answer, passcode_cases
     from tqdm import tqdm
 
     from kvrecall import defaults
     from kvrecall.models import apply_rope, prefill_kv, read_texts, rope_cos_sin
+    from kvrecall.passcode import score
 
     model, tok = loaded["model"]
     ours, _ = loaded["ours"]
@@ -531,7 +532,7 @@ def run_passcode(path: str, args: argparse.Namespace, loaded: dict) -> dict:
     with tqdm(total=len(cases) * (1 + len(codecs)), desc="passcode", unit="run", leave=False) as bar:
         for case in cases:
             kv = prefill_kv(model, case.context_ids)
-            results["exact"].append(is_correct(greedy_answer(model, tok, kv, case.last_id), case.passcode))
+            results["exact"].append(score(greedy_answer(model, tok, kv, case.last_id), case.passcode))
             bar.update()
             cos, sin = rope_cos_sin(model, torch.arange(kv.shape[3]))
             for c in codecs:
@@ -550,7 +551,7 @@ def run_passcode(path: str, args: argparse.Namespace, loaded: dict) -> dict:
 
                     y[:, 0] = undo_rope(y[:, 0], cos, sin)
                     answer = greedy_answer(model, tok, y, case.last_id)
-                results[key].append(is_correct(answer, case.passcode))
+                results[key].append(score(answer, case.passcode))
                 bar.update()
     return {
         "tokens": args.passcode_tokens, "cases": len(cases), "depths": [round(c.depth, 3) for c in cases],

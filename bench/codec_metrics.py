@@ -21,7 +21,6 @@ __all__ = [
     "PasscodeCase",
     "passcode_cases",
     "greedy_answer",
-    "is_correct",
 ]
 
 
@@ -161,13 +160,6 @@ def passcode_cases(tok, texts: list[tuple[str, str]], n: int, tokens: int, seed:
 
     return [PasscodeCase(c.depth, c.passcode, c.input_ids[:-1], int(c.input_ids[-1]))
             for c in make_cases(tok, texts, n, tokens, seed)]
-
-
-def is_correct(answer: str, passcode: str) -> bool:
-    """Whether the first five-digit number of ``answer`` is ``passcode`` (:func:`kvrecall.passcode.score`)."""
-    from kvrecall.passcode import score
-
-    return score(answer, passcode)
 
 
 def greedy_answer(model, tok, kv: torch.Tensor, last_id: int, max_new: int | None = None) -> str:
