@@ -12,10 +12,12 @@ last ``--probe`` segments, the device-resident bytes (sinks + window KV), the ho
 
 Part 2 (quality): per stream length in ``--qa-lengths``, ``--cases`` streams of text with a passcode planted at a
 random depth (before the last window), the question asked after the stream. Methods on the same session:
-``codes`` (ours: VQ-code attention mass per block, one vote of all layers), ``codes-layer`` (the same scores,
-each layer its own blocks), ``mean-key`` (ReKV: FAISS over block mean keys, per layer), ``mean-key-glob``,
-``window`` (no retrieval), ``true-pos`` (codes, blocks at their true positions), and ``full`` (dense prefill of
-stream + question, up to ``--full-max`` tokens). Reported: how often the block holding the fact is retrieved
+``codes`` (ours: VQ-code attention mass per block, the ``--rerank`` x top blocks rescored from their decoded
+keys, one vote of all layers), ``codes-r1`` (codes alone, no rerank), ``codes-layer`` (each layer its own blocks),
+``mean-key`` (ReKV: FAISS over block mean keys, per layer, no rerank), ``mean-key-glob``, ``mean-key-rr`` (mean
+keys as the first stage of the rerank), ``window`` (no retrieval), ``true-pos`` (codes, blocks at their true
+positions), ``codes-pos`` (codes scored at true distances), and ``full`` (dense prefill of stream + question, up
+to ``--full-max`` tokens). Reported: how often the block holding the fact is retrieved
 (fraction of layers; "any" = at least one layer) and answer accuracy.
 """
 
@@ -31,6 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from kvrecall import defaults
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -105,6 +109,11 @@ def sweep(model, tok, args, kind: str, rng) -> list[dict]:
     return rows
 
 
+QA_METHODS = ("full", "codes", "codes-r1", "codes-pos", "codes-layer", "mean-key", "mean-key-glob", "mean-key-rr",
+              "true-pos", "window")
+"""Table order of part 2's methods (``full`` first)."""
+
+
 def qa(model, tok, args, profile, rng) -> list[dict]:
     from tqdm import tqdm
 
@@ -133,13 +142,16 @@ def qa(model, tok, args, profile, rng) -> list[dict]:
             fact_blocks = {i for i, b in enumerate(s.block_token_ids) if code in tok.decode(b.tolist())}
             row = {"length": s.n_tokens, "case": case, "code": code, "depth": at / body.numel(),
                    "fact_blocks": sorted(fact_blocks), "encode_s": encode_s}
-            methods = [("codes", dict(scorer="codes", positions="contiguous", selection="global")),
-                       ("codes-layer", dict(scorer="codes", positions="contiguous", selection="per-layer")),
-                       ("mean-key", dict(scorer="mean-key", positions="contiguous", selection="per-layer")),
-                       ("mean-key-glob", dict(scorer="mean-key", positions="contiguous", selection="global")),
+            base = dict(positions="contiguous", selection="global", rerank=args.rerank)
+            methods = [("codes", dict(base, scorer="codes")),
+                       ("codes-r1", dict(base, scorer="codes", rerank=1)),
+                       ("codes-layer", dict(base, scorer="codes", selection="per-layer")),
+                       ("mean-key", dict(base, scorer="mean-key", selection="per-layer", rerank=1)),
+                       ("mean-key-glob", dict(base, scorer="mean-key", rerank=1)),
+                       ("mean-key-rr", dict(base, scorer="mean-key")),
                        ("window", dict(top_blocks=0)),
-                       ("true-pos", dict(scorer="codes", positions="true", selection="global")),
-                       ("codes-pos", dict(scorer="codes-positional", positions="contiguous", selection="global"))]
+                       ("true-pos", dict(base, scorer="codes", positions="true")),
+                       ("codes-pos", dict(base, scorer="codes-positional"))]
             for name, kw in methods:
                 saved = {k: getattr(s, k) for k in kw}
                 for k, v in kw.items():
@@ -166,7 +178,7 @@ def summarize_qa(rows: list[dict]) -> list[dict]:
     table = []
     for length in sorted({r["length"] for r in rows}):
         rs = [r for r in rows if r["length"] == length]
-        for name in ("full", "codes", "codes-pos", "codes-layer", "mean-key", "mean-key-glob", "true-pos", "window"):
+        for name in QA_METHODS:
             got = [r[name] for r in rs if name in r]
             if not got:
                 continue
@@ -221,6 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--top-blocks", type=int, default=8)
+    ap.add_argument("--rerank", type=int, default=defaults.STREAM_RERANK,
+                    help="candidates per retrieved block rescored from decoded keys (1: off)")
     ap.add_argument("--segment", type=int, default=256)
     ap.add_argument("--probe", type=int, default=16)
     ap.add_argument("--level", default="medium")

@@ -89,6 +89,10 @@ STREAM_BLOCK = 64
 """Tokens per offloaded block of a stream."""
 STREAM_TOP_BLOCKS = 8
 """Blocks retrieved for a question."""
+STREAM_RERANK = 4
+"""A StreamSession ask rescores its scorer's ``top_blocks * STREAM_RERANK`` best blocks from their decoded keys."""
+STREAM_RERANK_DISTANCE = 2048
+"""Relative distance at which the rerank stage scores blocks' keys (position-free: RoPE of this on the query)."""
 STREAM_RAM_BYTES = 256 << 20
 """RAM for a stream's offloaded blocks before they spill to disk."""
 RAG_LEVEL = "exact"

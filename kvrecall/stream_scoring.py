@@ -11,9 +11,15 @@ layer):
     Every stored token keeps its query-aware VQ code (:mod:`kvrecall.retriever`); the question's queries score
     all codes at the profile's fixed distance (A²ATS's windowed LUT, position-free like the blocks' placement),
     scores become attention weights over all stored tokens per (question token, head), and a block's score is
-    the attention mass its tokens receive, averaged over question tokens and heads.
+    the largest attention mass its tokens receive from any question token and head (the maximum, not the mean:
+    a fact is found by a few retrieval heads and question tokens, and averaging drowns them; measured at 8K,
+    ``docs/streaming.md``).
     ``scorer="codes-positional"`` scores the same codes at each token's true distance from the question (the
     banded scorer: exact relative RoPE within ``near`` tokens, one LUT per distance band beyond).
+``exact_block_scores`` (the ``rerank`` stage)
+    The same mass-max score from the candidate blocks' decoded pre-RoPE keys, the question's queries rotated
+    by a fixed distance (position-free, exact up to the codec): the second stage of an ``ask`` with
+    ``rerank > 1``, over the ``top_blocks * rerank`` best blocks of the first stage.
 ``EmbeddingBlockScorer`` (external, ``scorer=EmbeddingBlockScorer(embedder, tokenizer)``)
     Cosine similarity of the question's text and each block's text under a sentence embedder (text streams
     only).
@@ -26,7 +32,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["mean_key_scores", "code_scores", "EmbeddingBlockScorer", "group_mean_queries"]
+__all__ = ["mean_key_scores", "code_scores", "exact_block_scores", "EmbeddingBlockScorer", "group_mean_queries"]
 
 
 def group_mean_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -67,9 +73,38 @@ def code_scores(scorer, codes: torch.Tensor, q: torch.Tensor, block: int, distan
         qs = q[layer].permute(1, 0, 2).float()  # [tokens, heads, dim] as a batch of question tokens
         c = codes[layer].unsqueeze(0).expand(tokens, *codes[layer].shape)
         s = scorer.scores(layer, qs, c, 0, n, n + distance) * scale  # [tokens, heads, n]
-        mass = torch.softmax(s, dim=-1).reshape(tokens, heads, n // block, block).sum(-1)
-        out[layer] = mass.mean(dim=(0, 1))
+        out[layer] = _block_mass_max(s, block)
     return out
+
+
+def _block_mass_max(s: torch.Tensor, block: int) -> torch.Tensor:
+    """Scaled scores ``[tokens, heads, n_blocks * block]`` -> the largest block mass per block ``[n_blocks]``."""
+    tokens, heads, n = s.shape
+    mass = torch.softmax(s, dim=-1).reshape(tokens, heads, n // block, block).sum(-1)
+    return mass.amax(dim=(0, 1))
+
+
+def exact_block_scores(keys: torch.Tensor, q: torch.Tensor, block: int, distance: int, inv_freq: torch.Tensor,
+                       rope_scaling: float = 1.0) -> torch.Tensor:
+    """Mass-max block scores from exact pre-RoPE keys, queries at a fixed distance: ``[layers, n_blocks]``.
+
+    Parameters
+    ----------
+    keys : Tensor[layers, kv_heads, n_blocks * block, dim] — pre-RoPE keys of the candidate blocks.
+    q : Tensor[layers, heads, tokens, dim] — the question's pre-RoPE queries.
+    block : tokens per block.
+    distance : relative distance at which every key is scored (RoPE of ``distance`` on the query, none on keys).
+    inv_freq, rope_scaling : the model's RoPE (:func:`kvrecall.models.rope_parameters`).
+    """
+    from kvrecall.models import apply_rope, rope_tables
+
+    layers, heads, tokens, dim = q.shape
+    kv_heads = keys.shape[1]
+    cos, sin = rope_tables(inv_freq, torch.full((tokens,), distance), rope_scaling)
+    qr = apply_rope(q.float(), cos, sin)  # [layers, heads, tokens, dim]
+    k = keys.float().repeat_interleave(heads // kv_heads, dim=1)  # [layers, heads, n, dim]
+    s = torch.einsum("lhtd,lhnd->lthn", qr, k) / math.sqrt(dim)
+    return torch.stack([_block_mass_max(s[layer], block) for layer in range(layers)])
 
 
 class EmbeddingBlockScorer:

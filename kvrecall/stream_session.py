@@ -19,7 +19,9 @@ How it works (``docs/streaming.md`` has the measurements):
   then on disk, or in the kvstore when ``store`` is given; the block's mean keys go into one FAISS index per
   layer (ReKV's summary) and its tokens' query-aware VQ codes (with a retriever profile) into the code table.
 * **ask.** The question runs once over sinks + window to get its queries (it is not added to the stream); each
-  layer scores every block (``scorer``), loads its ``top_blocks`` best, and the model answers over sinks +
+  layer scores every block (``scorer``); with ``rerank > 1`` the ``top_blocks * rerank`` best are decoded and
+  rescored from their keys (two-stage retrieval: codes are cheap but coarse, decoded keys are exact up to the
+  codec); the ``top_blocks`` best are loaded, and the model answers over sinks +
   retrieved blocks (in stream order) + window. Positions (``positions``): ``"contiguous"`` (default) places the
   assembled tokens at ``0 .. S-1`` and the question after them (re-positioned pre-RoPE keys, valid at any stream
   length); ``"true"`` rotates every token at its stream position and the question at the stream's end (only
@@ -125,6 +127,11 @@ class StreamSession:
         ``(session, question_ids) -> Tensor[n_blocks] | Tensor[layers, n_blocks]``.
     selection : ``"global"`` (default: per-layer scores z-scored and averaged, the same blocks for every layer)
         or ``"per-layer"`` (ReKV: each layer its own top blocks).
+    rerank : int
+        Two-stage retrieval: the scorer's ``top_blocks * rerank`` best blocks are decoded and rescored from their
+        keys (exact up to the codec, queries at a fixed distance: ``defaults.STREAM_RERANK_DISTANCE``), and the
+        ``top_blocks`` best of those are loaded. 1: the scorer alone. A callable ``scorer``'s blocks are used as
+        they are (no rerank).
     answer_budget : float or int
         ``RetrievalCache`` budget over the assembled tokens (1.0: attend all).
     ram_bytes : RAM budget of blocks (no store); beyond it the oldest blocks spill to ``spill_dir``.
@@ -137,7 +144,8 @@ class StreamSession:
                  top_blocks: int = STREAM_TOP_BLOCKS, level: str = defaults.CODEC_LEVEL,
                  positions: str = "contiguous", scorer=None, answer_budget: float | int = 1.0,
                  ram_bytes: int = STREAM_RAM_BYTES, spill_dir: str | Path | None = None,
-                 session_id: str | None = None, selection: str = "global") -> None:
+                 session_id: str | None = None, selection: str = "global",
+                 rerank: int = defaults.STREAM_RERANK) -> None:
         from kvrecall.encoder import LEVELS
         from kvrecall.loading_raw import RAW_LEVELS
 
@@ -145,6 +153,7 @@ class StreamSession:
         _check_int("window", window, block)
         _check_int("sinks", sinks, 0)
         _check_int("top_blocks", top_blocks, 0)
+        _check_int("rerank", rerank, 1)
         if level not in (*LEVELS, *RAW_LEVELS):
             raise StreamError(f"level must be one of {[*LEVELS, *RAW_LEVELS]}, got {level!r}")
         if selection not in SELECTIONS:
@@ -171,7 +180,7 @@ class StreamSession:
         self.store, self.retriever_profile, self.codec_profile = store, retriever_profile, codec_profile
         self.window, self.block, self.sinks, self.top_blocks = window, block, sinks, top_blocks
         self.level, self.positions, self.scorer, self.answer_budget = level, positions, scorer, answer_budget
-        self.selection = selection
+        self.selection, self.rerank = selection, rerank
         self.session_id = session_id or uuid.uuid4().hex
         self.tier = BlockTier(self.session_id, store, ram_bytes, spill_dir)
         L, H, D = self.info.num_layers, self.info.num_kv_heads, self.info.head_dim
@@ -369,6 +378,7 @@ class StreamSession:
             self.last = AskResult(res.tokens, [[] for _ in range(self.info.num_layers)], [], 0, True, timings)
             return torch.tensor(res.tokens, dtype=torch.long)
         chosen: list[list[int]] = [[] for _ in range(self.info.num_layers)]
+        decoded: dict[int, torch.Tensor] = {}  # blocks decoded by the rerank stage, reused by _assemble
         n_blocks = len(self.block_ranges)
         if n_blocks and self.top_blocks:
             cache, start = self._resident_cache()
@@ -381,18 +391,12 @@ class StreamSession:
             t1 = time.perf_counter()
             scores = self._block_scores(q, q_ids)
             k = min(self.top_blocks, n_blocks)
-            if self.selection == "global":  # one vote of all layers (z-scored per layer), same blocks everywhere
-                finite = torch.where(torch.isfinite(scores), scores, torch.nan)
-                mean = finite.nanmean(dim=1, keepdim=True)
-                std = ((finite - mean) ** 2).nanmean(dim=1, keepdim=True).sqrt().clamp(min=1e-12)
-                vote = torch.nan_to_num((finite - mean) / std, nan=-1e9).mean(dim=0)
-                best = sorted(torch.topk(vote, k).indices.tolist())
-                chosen = [list(best) for _ in range(scores.shape[0])]
-            else:
-                chosen = [sorted(torch.topk(scores[layer], k).indices.tolist()) for layer in range(scores.shape[0])]
+            if self.rerank > 1 and n_blocks > k and not callable(self.scorer):  # a callable's scores stand
+                scores = self._rerank_scores(scores, q, min(n_blocks, k * self.rerank), decoded)
+            chosen = self._select(scores, k)
             timings["score_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        kv, positions = self._assemble(chosen)
+        kv, positions = self._assemble(chosen, decoded)
         timings["load_s"] = time.perf_counter() - t2
         context = kv.shape[3]
         restore = None
@@ -417,10 +421,44 @@ class StreamSession:
         self.last = AskResult(res.tokens, chosen, list(self.block_ranges), context, False, timings)
         return torch.tensor(res.tokens, dtype=torch.long)
 
-    def _assemble(self, chosen: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per layer: sinks + chosen blocks + window (pre-RoPE) ``[L, 2, H, S, D]`` and true positions ``[L, S]``."""
+    def _select(self, scores: torch.Tensor, k: int) -> list[list[int]]:
+        """The ``k`` best blocks per layer (stream order) from ``scores [L, n_blocks]`` (-inf: not a candidate)."""
+        if self.selection == "global":  # one vote of all layers (z-scored per layer), same blocks everywhere
+            finite = torch.where(torch.isfinite(scores), scores, torch.nan)
+            mean = finite.nanmean(dim=1, keepdim=True)
+            std = ((finite - mean) ** 2).nanmean(dim=1, keepdim=True).sqrt().clamp(min=1e-12)
+            vote = torch.nan_to_num((finite - mean) / std, nan=-1e9).mean(dim=0)
+            best = sorted(torch.topk(vote, k).indices.tolist())
+            return [list(best) for _ in range(scores.shape[0])]
+        return [sorted(torch.topk(scores[layer], k).indices.tolist()) for layer in range(scores.shape[0])]
+
+    def _rerank_scores(self, scores: torch.Tensor, q: torch.Tensor, n_candidates: int,
+                       decoded: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Second stage: the ``n_candidates`` best blocks of ``scores`` (per :meth:`_select`, united over layers)
+        rescored from their decoded keys (:func:`~kvrecall.stream_scoring.exact_block_scores`); other blocks
+        get -inf. Decoded blocks are left in ``decoded``."""
+        from kvrecall.models import rope_parameters
+        from kvrecall.stream_scoring import exact_block_scores
+
+        candidates = sorted({b for row in self._select(scores, n_candidates) for b in row})
+        for b in candidates:
+            if b not in decoded:
+                decoded[b] = self._decode_block(self.tier.get(b))
+        keys = torch.cat([decoded[b][:, 0] for b in candidates], dim=2).cpu()  # [L, H, C * block, D]
+        inv_freq, rope_scaling = rope_parameters(self.model)
+        exact = exact_block_scores(keys, q.cpu(), self.block, defaults.STREAM_RERANK_DISTANCE, inv_freq,
+                                   rope_scaling)
+        out = torch.full_like(scores, float("-inf"))
+        out[:, candidates] = exact
+        return out
+
+    def _assemble(self, chosen: list[list[int]], decoded: dict[int, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer: sinks + chosen blocks + window (pre-RoPE) ``[L, 2, H, S, D]`` and true positions ``[L, S]``.
+        ``decoded`` holds blocks already decoded (by the rerank stage)."""
         needed = sorted({b for row in chosen for b in row})
-        blocks = {b: self._decode_block(self.tier.get(b)) for b in needed}
+        decoded = decoded if decoded is not None else {}
+        blocks = {b: decoded[b] if b in decoded else self._decode_block(self.tier.get(b)) for b in needed}
         n_sink, n_win = self.sink_kv.shape[3], self.win_kv.shape[3]
         win_pos = torch.arange(self.n_tokens - n_win, self.n_tokens)
         layers, pos_rows = [], []
@@ -452,7 +490,8 @@ class StreamSession:
             "settings": {"window": self.window, "block": self.block, "sinks": self.sinks,
                          "top_blocks": self.top_blocks, "level": self.level, "positions": self.positions,
                          "scorer": self.scorer if isinstance(self.scorer, str) else "mean-key",
-                         "answer_budget": self.answer_budget, "selection": self.selection},
+                         "answer_budget": self.answer_budget, "selection": self.selection,
+                         "rerank": self.rerank},
             "model": {"layers": self.info.num_layers, "kv_heads": self.info.num_kv_heads,
                       "head_dim": self.info.head_dim},
             "codec_profile_id": getattr(self.codec_profile, "profile_id", None),
@@ -489,7 +528,7 @@ class StreamSession:
         """Reopen a flushed or closed session from ``store``; it continues as if it had never been closed.
 
         ``retriever_profile`` / ``codec_profile`` must be the profiles the session was written with; ``overrides``
-        replace reader-side settings (``top_blocks``, ``positions``, ``scorer``, ``answer_budget``).
+        replace reader-side settings (``top_blocks``, ``positions``, ``scorer``, ``answer_budget``, ``rerank``).
 
         Raises
         ------

@@ -162,6 +162,8 @@ def test_bad_input(hd64, hd64_ids):
         StreamSession(model, scorer="codes")
     with pytest.raises(StreamError, match="positions"):
         StreamSession(model, positions="absolute")
+    with pytest.raises(StreamError, match="rerank"):
+        StreamSession(model, rerank=0)
     s = StreamSession(model, window=64, block=32)
     with pytest.raises(StreamError, match="exactly one"):
         s.append()
@@ -245,6 +247,39 @@ def test_positional_code_scores_equal_decoded_keys_at_true_distances(hd64, hd64_
         keys = apply_rope(keys, cos_k, sin_k).repeat_interleave(g, dim=0)  # [Hq, n, D]
         qr = apply_rope(q[layer].float(), cos_q, sin_q)  # [Hq, tokens, D]
         w = torch.softmax(qr @ keys.transpose(1, 2) / info.head_dim ** 0.5, dim=-1)  # [Hq, tokens, n]
-        want = w.reshape(*w.shape[:2], n // 32, 32).sum(-1).mean(dim=(0, 1))
+        want = w.reshape(*w.shape[:2], n // 32, 32).sum(-1).amax(dim=(0, 1))  # best head and token
         torch.testing.assert_close(got[layer], want, rtol=1e-3, atol=1e-5)
     assert s.ask(hd64_ids[500:510], max_new_tokens=2).numel() == 2
+
+
+def test_rerank_rescores_the_candidates_from_their_decoded_keys(hd64, hd64_ids, hd64_profile):
+    """``rerank``: the first stage's ``top_blocks * rerank`` best blocks are rescored from their exact keys
+    (queries at ``STREAM_RERANK_DISTANCE``: the largest mass any head and question token gives the block); the
+    answer loads the best of those."""
+    from kvrecall import defaults
+    from kvrecall.models import apply_rope, rope_tables
+
+    model, _ = hd64
+    s = _stream(model, hd64_ids[:600], window=96, block=32, sinks=4, top_blocks=2, rerank=3, level="exact",
+                retriever_profile=hd64_profile)
+    info, n_blocks = s.info, len(s.block_ranges)
+    g = model.config.num_attention_heads // info.num_kv_heads
+    q = torch.randn(info.num_layers, model.config.num_attention_heads, 5, info.head_dim)
+    first = s._block_scores(q, hd64_ids[600:605])
+    decoded: dict = {}
+    got = s._rerank_scores(first, q, 6, decoded)
+    candidates = sorted(s._select(first, 6)[0])
+    assert sorted(decoded) == candidates and len(candidates) == 6  # global selection: one set for all layers
+    assert torch.isinf(got[:, [b for b in range(n_blocks) if b not in candidates]]).all()
+    cos, sin = rope_tables(hd64_profile.inv_freq, torch.tensor([defaults.STREAM_RERANK_DISTANCE]), 1.0)
+    blocks = torch.cat([s._decode_block(s.tier.get(c)) for c in candidates], dim=3)  # [L, 2, Hkv, 6 * 32, D]
+    for layer in range(info.num_layers):
+        for j, b in enumerate(candidates):
+            best = 0.0
+            for h in range(q.shape[1]):
+                keys = blocks[layer, 0, h // g].float()
+                w = torch.softmax(apply_rope(q[layer, h].float(), cos, sin) @ keys.T / info.head_dim ** 0.5, -1)
+                best = max(best, float(w[:, j * 32 : (j + 1) * 32].sum(-1).max()))
+            assert abs(float(got[layer, b]) - best) < 1e-4
+    s.ask(hd64_ids[600:610], max_new_tokens=1)
+    assert all(len(row) == 2 for row in s.last.blocks)
