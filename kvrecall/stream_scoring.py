@@ -102,9 +102,11 @@ def exact_block_scores(keys: torch.Tensor, q: torch.Tensor, block: int, distance
     kv_heads = keys.shape[1]
     cos, sin = rope_tables(inv_freq, torch.full((tokens,), distance), rope_scaling)
     qr = apply_rope(q.float(), cos, sin)  # [layers, heads, tokens, dim]
-    k = keys.float().repeat_interleave(heads // kv_heads, dim=1)  # [layers, heads, n, dim]
-    s = torch.einsum("lhtd,lhnd->lthn", qr, k) / math.sqrt(dim)
-    return torch.stack([_block_mass_max(s[layer], block) for layer in range(layers)])
+    out = []
+    for layer in range(layers):  # one layer's [tokens, heads, n] scores at a time
+        k = keys[layer].float().repeat_interleave(heads // kv_heads, dim=0)  # [heads, n, dim]
+        out.append(_block_mass_max(torch.einsum("htd,hnd->thn", qr[layer], k) / math.sqrt(dim), block))
+    return torch.stack(out)
 
 
 class EmbeddingBlockScorer:
