@@ -96,16 +96,16 @@ def exact_block_scores(keys: torch.Tensor, q: torch.Tensor, block: int, distance
     distance : relative distance at which every key is scored (RoPE of ``distance`` on the query, none on keys).
     inv_freq, rope_scaling : the model's RoPE (:func:`kvrecall.models.rope_parameters`).
     """
-    from kvrecall.models import apply_rope, rope_tables
+    from kvrecall.retriever.rope_window import windowed_query
 
     layers, heads, tokens, dim = q.shape
-    kv_heads = keys.shape[1]
-    cos, sin = rope_tables(inv_freq, torch.full((tokens,), distance), rope_scaling)
-    qr = apply_rope(q.float(), cos, sin)  # [layers, heads, tokens, dim]
+    kv_heads, n = keys.shape[1], keys.shape[2]
+    qr = windowed_query(q, inv_freq, distance, rope_scaling)  # [layers, heads, tokens, dim]
     out = []
-    for layer in range(layers):  # one layer's [tokens, heads, n] scores at a time
-        k = keys[layer].float().repeat_interleave(heads // kv_heads, dim=0)  # [heads, n, dim]
-        out.append(_block_mass_max(torch.einsum("htd,hnd->thn", qr[layer], k) / math.sqrt(dim), block))
+    for layer in range(layers):  # one layer's [tokens, heads, n] scores at a time; a GQA group shares its keys
+        qg = qr[layer].reshape(kv_heads, heads // kv_heads * tokens, dim)
+        s = torch.matmul(qg, keys[layer].float().transpose(1, 2)).reshape(heads, tokens, n).transpose(0, 1)
+        out.append(_block_mass_max(s / math.sqrt(dim), block))
     return torch.stack(out)
 
 

@@ -441,9 +441,7 @@ class StreamSession:
         from kvrecall.stream_scoring import exact_block_scores
 
         candidates = sorted({b for row in self._select(scores, n_candidates) for b in row})
-        for b in candidates:
-            if b not in decoded:
-                decoded[b] = self._decode_block(self.tier.get(b))
+        decoded.update({b: self._decode_block(self.tier.get(b)) for b in candidates})
         keys = torch.cat([decoded[b][:, 0] for b in candidates], dim=2).cpu()  # [L, H, C * block, D]
         inv_freq, rope_scaling = rope_parameters(self.model)
         exact = exact_block_scores(keys, q.cpu(), self.block, defaults.STREAM_RERANK_DISTANCE, inv_freq,
