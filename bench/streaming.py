@@ -13,7 +13,7 @@ last ``--probe`` segments, the device-resident bytes (sinks + window KV), the ho
 Part 2 (quality): per stream length in ``--qa-lengths``, ``--cases`` streams of text with a passcode planted at a
 random depth (before the last window), the question asked after the stream. Methods on the same session:
 ``codes`` (ours: VQ-code attention mass per block, the ``--rerank`` x top blocks rescored from their decoded
-keys, one vote of all layers), ``codes-r1`` (codes alone, no rerank), ``codes-layer`` (each layer its own blocks),
+keys, at least ``--rerank-fraction`` of all blocks, one vote of all layers), ``codes-r1`` (codes alone, no rerank), ``codes-layer`` (each layer its own blocks),
 ``mean-key`` (ReKV: FAISS over block mean keys, per layer, no rerank), ``mean-key-glob``, ``mean-key-rr`` (mean
 keys as the first stage of the rerank), ``window`` (no retrieval), ``true-pos`` (codes, blocks at their true
 positions), ``codes-pos`` (codes scored at true distances), and ``full`` (dense prefill of stream + question, up
@@ -142,7 +142,8 @@ def qa(model, tok, args, profile, rng) -> list[dict]:
             fact_blocks = {i for i, b in enumerate(s.block_token_ids) if code in tok.decode(b.tolist())}
             row = {"length": s.n_tokens, "case": case, "code": code, "depth": at / body.numel(),
                    "fact_blocks": sorted(fact_blocks), "encode_s": encode_s}
-            base = dict(positions="contiguous", selection="global", rerank=args.rerank)
+            base = dict(positions="contiguous", selection="global", rerank=args.rerank,
+                        rerank_fraction=args.rerank_fraction)
             methods = [("codes", dict(base, scorer="codes")),
                        ("codes-r1", dict(base, scorer="codes", rerank=1)),
                        ("codes-layer", dict(base, scorer="codes", selection="per-layer")),
@@ -235,6 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--top-blocks", type=int, default=8)
     ap.add_argument("--rerank", type=int, default=defaults.STREAM_RERANK,
                     help="candidates per retrieved block rescored from decoded keys (1: off)")
+    ap.add_argument("--rerank-fraction", type=float, default=defaults.STREAM_RERANK_FRACTION,
+                    help="the rerank shortlist holds at least this fraction of all blocks")
     ap.add_argument("--segment", type=int, default=256)
     ap.add_argument("--probe", type=int, default=16)
     ap.add_argument("--level", default="medium")

@@ -91,6 +91,9 @@ STREAM_TOP_BLOCKS = 8
 """Blocks retrieved for a question."""
 STREAM_RERANK = 4
 """A StreamSession ask rescores its scorer's ``top_blocks * STREAM_RERANK`` best blocks from their decoded keys."""
+STREAM_RERANK_FRACTION = 0.25
+"""...and at least this fraction of all blocks: the shortlist grows with the stream (at 8K tokens, 112 blocks, the
+``top_blocks * STREAM_RERANK`` floor rules; at 32K, 496 blocks, four times that was needed: docs/streaming.md)."""
 STREAM_RERANK_DISTANCE = 2048
 """Relative distance at which the rerank stage scores blocks' keys (position-free: RoPE of this on the query)."""
 STREAM_RAM_BYTES = 256 << 20

@@ -36,6 +36,7 @@ How it works (``docs/streaming.md`` has the measurements):
 from __future__ import annotations
 
 import io
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -132,6 +133,9 @@ class StreamSession:
         keys (exact up to the codec, queries at a fixed distance: ``defaults.STREAM_RERANK_DISTANCE``), and the
         ``top_blocks`` best of those are loaded. 1: the scorer alone. A callable ``scorer``'s blocks are used as
         they are (no rerank).
+    rerank_fraction : float in [0, 1]
+        The rerank shortlist holds at least this fraction of all blocks (when ``rerank > 1``), so it grows with
+        the stream: ``max(top_blocks * rerank, ceil(rerank_fraction * n_blocks))`` candidates.
     answer_budget : float or int
         ``RetrievalCache`` budget over the assembled tokens (1.0: attend all).
     ram_bytes : RAM budget of blocks (no store); beyond it the oldest blocks spill to ``spill_dir``.
@@ -145,7 +149,8 @@ class StreamSession:
                  positions: str = "contiguous", scorer=None, answer_budget: float | int = 1.0,
                  ram_bytes: int = STREAM_RAM_BYTES, spill_dir: str | Path | None = None,
                  session_id: str | None = None, selection: str = "global",
-                 rerank: int = defaults.STREAM_RERANK) -> None:
+                 rerank: int = defaults.STREAM_RERANK,
+                 rerank_fraction: float = defaults.STREAM_RERANK_FRACTION) -> None:
         from kvrecall.encoder import LEVELS
         from kvrecall.loading_raw import RAW_LEVELS
 
@@ -154,6 +159,9 @@ class StreamSession:
         _check_int("sinks", sinks, 0)
         _check_int("top_blocks", top_blocks, 0)
         _check_int("rerank", rerank, 1)
+        if isinstance(rerank_fraction, bool) or not isinstance(rerank_fraction, (int, float)) \
+                or not 0 <= rerank_fraction <= 1:
+            raise StreamError(f"rerank_fraction must be a number in [0, 1], got {rerank_fraction!r}")
         if level not in (*LEVELS, *RAW_LEVELS):
             raise StreamError(f"level must be one of {[*LEVELS, *RAW_LEVELS]}, got {level!r}")
         if selection not in SELECTIONS:
@@ -180,7 +188,7 @@ class StreamSession:
         self.store, self.retriever_profile, self.codec_profile = store, retriever_profile, codec_profile
         self.window, self.block, self.sinks, self.top_blocks = window, block, sinks, top_blocks
         self.level, self.positions, self.scorer, self.answer_budget = level, positions, scorer, answer_budget
-        self.selection, self.rerank = selection, rerank
+        self.selection, self.rerank, self.rerank_fraction = selection, rerank, float(rerank_fraction)
         self.session_id = session_id or uuid.uuid4().hex
         self.tier = BlockTier(self.session_id, store, ram_bytes, spill_dir)
         L, H, D = self.info.num_layers, self.info.num_kv_heads, self.info.head_dim
@@ -392,7 +400,7 @@ class StreamSession:
             scores = self._block_scores(q, q_ids)
             k = min(self.top_blocks, n_blocks)
             if self.rerank > 1 and n_blocks > k and not callable(self.scorer):  # a callable's scores stand
-                scores = self._rerank_scores(scores, q, min(n_blocks, k * self.rerank), decoded)
+                scores = self._rerank_scores(scores, q, self.n_candidates(n_blocks), decoded)
             chosen = self._select(scores, k)
             timings["score_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -420,6 +428,12 @@ class StreamSession:
         timings["total_s"] = time.perf_counter() - t0
         self.last = AskResult(res.tokens, chosen, list(self.block_ranges), context, False, timings)
         return torch.tensor(res.tokens, dtype=torch.long)
+
+    def n_candidates(self, n_blocks: int) -> int:
+        """Blocks the rerank stage rescores out of ``n_blocks``: ``max(top_blocks * rerank,
+        ceil(rerank_fraction * n_blocks))``, at most ``n_blocks``."""
+        k = self.top_blocks * self.rerank
+        return min(n_blocks, max(k, math.ceil(self.rerank_fraction * n_blocks)))
 
     def _select(self, scores: torch.Tensor, k: int) -> list[list[int]]:
         """The ``k`` best blocks per layer (stream order) from ``scores [L, n_blocks]`` (-inf: not a candidate)."""
@@ -489,7 +503,7 @@ class StreamSession:
                          "top_blocks": self.top_blocks, "level": self.level, "positions": self.positions,
                          "scorer": self.scorer if isinstance(self.scorer, str) else "mean-key",
                          "answer_budget": self.answer_budget, "selection": self.selection,
-                         "rerank": self.rerank},
+                         "rerank": self.rerank, "rerank_fraction": self.rerank_fraction},
             "model": {"layers": self.info.num_layers, "kv_heads": self.info.num_kv_heads,
                       "head_dim": self.info.head_dim},
             "codec_profile_id": getattr(self.codec_profile, "profile_id", None),
@@ -526,7 +540,7 @@ class StreamSession:
         """Reopen a flushed or closed session from ``store``; it continues as if it had never been closed.
 
         ``retriever_profile`` / ``codec_profile`` must be the profiles the session was written with; ``overrides``
-        replace reader-side settings (``top_blocks``, ``positions``, ``scorer``, ``answer_budget``, ``rerank``).
+        replace reader-side settings (``top_blocks``, ``positions``, ``scorer``, ``answer_budget``, ``rerank``, ``rerank_fraction``).
 
         Raises
         ------

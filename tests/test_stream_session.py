@@ -164,6 +164,9 @@ def test_bad_input(hd64, hd64_ids):
         StreamSession(model, positions="absolute")
     with pytest.raises(StreamError, match="rerank"):
         StreamSession(model, rerank=0)
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(StreamError, match="rerank_fraction"):
+            StreamSession(model, rerank_fraction=bad)
     s = StreamSession(model, window=64, block=32)
     with pytest.raises(StreamError, match="exactly one"):
         s.append()
@@ -283,3 +286,19 @@ def test_rerank_rescores_the_candidates_from_their_decoded_keys(hd64, hd64_ids, 
             assert abs(float(got[layer, b]) - best) < 1e-4
     s.ask(hd64_ids[600:610], max_new_tokens=1)
     assert all(len(row) == 2 for row in s.last.blocks)
+
+
+def test_rerank_shortlist_grows_with_the_stream(hd64, hd64_ids, hd64_profile):
+    """The shortlist is ``max(top_blocks * rerank, ceil(rerank_fraction * n_blocks))`` blocks, and ``ask``
+    rescores exactly that many."""
+    model, _ = hd64
+    s = _stream(model, hd64_ids[:600], window=96, block=32, sinks=4, top_blocks=2, rerank=2, level="exact",
+                retriever_profile=hd64_profile, rerank_fraction=0.5)
+    n_blocks = len(s.block_ranges)
+    assert n_blocks >= 12 and s.n_candidates(n_blocks) == -(-n_blocks // 2)
+    assert s.n_candidates(6) == 4 and s.n_candidates(3) == 3  # the floor, then every block
+    seen = []
+    rerank_scores = s._rerank_scores
+    s._rerank_scores = lambda scores, q, n, decoded: seen.append(n) or rerank_scores(scores, q, n, decoded)
+    s.ask(hd64_ids[600:610], max_new_tokens=1)
+    assert seen == [-(-n_blocks // 2)]
