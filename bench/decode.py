@@ -241,7 +241,7 @@ def memory_and_breakdown(cache, s_per_tok: float, n_new: int) -> dict:
     per["rest_ms"] = step_ms - sum(per.values())
     return {"resident_bytes": st["resident_bytes"], "offloaded_bytes": st["offloaded_bytes"],
             "codebook_bytes": st["codebook_bytes"],
-            "scorer_state_bytes": st["scorer_state_bytes"], "dense_fp16_bytes": st["dense_fp16_bytes"],
+            "dense_fp16_bytes": st["dense_fp16_bytes"],
             "resident_fraction": st["resident_bytes"] / st["dense_fp16_bytes"], "mean_selected": st["mean_selected"],
             "step_ms": step_ms, **per}
 

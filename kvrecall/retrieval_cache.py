@@ -40,7 +40,7 @@ import torch
 
 from kvrecall import defaults
 from kvrecall.models import apply_rope, model_info, rope_parameters, rope_tables, undo_rope
-from kvrecall.retrieval_store import OFFLOAD_FORMS, OffloadStore, RetrievalError
+from kvrecall.retrieval_store import OFFLOAD_FORMS, OffloadStore, RetrievalError, resident_row_dtype
 from kvrecall.retriever.codebooks import code_dtype, encode
 from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, padded_selection, topk_union
 from kvrecall.retriever.profile import RetrieverProfile
@@ -155,12 +155,13 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
                                  f"[{o.info.num_kv_heads}, {o.info.head_dim}]")
         self.batch_size = b
         self.device, self.dtype = key_states.device, key_states.dtype
+        self.row_dtype = resident_row_dtype(self.dtype, o.offload)
         self.store = OffloadStore(b, hkv, d, o.offload, self.dtype)
         self.codes = torch.empty(b, hkv, 0, o.profile.settings.m, dtype=code_dtype(o.profile.settings.bits),
                                  device=o.index_device)
-        empty = key_states.new_empty(b, hkv, 0, d)
-        self.sink_k = self.sink_v = self.win_k = self.win_v = empty
-        self.keys, self.values = empty, empty  # what transformers inspects (batch size, dtype)
+        rows = key_states.new_empty(b, hkv, 0, d, dtype=self.row_dtype)
+        self.sink_k = self.sink_v = self.win_k = self.win_v = rows
+        self.keys = self.values = key_states.new_empty(b, hkv, 0, d)  # what transformers inspects (batch, dtype)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -209,8 +210,8 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         start = self.n_off
         take = max(0, min(n, o.sinks - start))
         if take:
-            self.sink_k = torch.cat([self.sink_k, keys_pre[:, :, :take]], dim=2)
-            self.sink_v = torch.cat([self.sink_v, values[:, :, :take]], dim=2)
+            self.sink_k = torch.cat([self.sink_k, keys_pre[:, :, :take].to(self.row_dtype)], dim=2)
+            self.sink_v = torch.cat([self.sink_v, values[:, :, :take].to(self.row_dtype)], dim=2)
         self.store.append(keys_pre, values)
         new_codes = o.encode_keys(self.layer_idx, keys_pre)  # [B, Hkv, n, m]
         if start + n > self.codes.shape[2]:
@@ -262,8 +263,8 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         past = self.length
         if past:
             sk, sv = self.store.all_rows(key.device)
-            k_past = torch.cat([sk, self.win_k], dim=2)
-            v_past = torch.cat([sv, self.win_v], dim=2)
+            k_past = torch.cat([sk, self.win_k.to(sk.dtype)], dim=2)
+            v_past = torch.cat([sv, self.win_v.to(sv.dtype)], dim=2)
             k_past = self._rotated(k_past, torch.arange(o.offset, o.offset + past, device=key.device))
             keys, values = torch.cat([k_past, key], dim=2), torch.cat([v_past, value], dim=2)
         else:
@@ -279,8 +280,8 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
             v_ = values[:, :, :kv_end].repeat_interleave(group, dim=1)
             outs.append(torch.nn.functional.scaled_dot_product_attention(
                 query[:, :, s:e], k_, v_, attn_mask=mask, scale=scale))
-        self.win_k = torch.cat([self.win_k, key_pre], dim=2)
-        self.win_v = torch.cat([self.win_v, value], dim=2)
+        self.win_k = torch.cat([self.win_k, key_pre.to(self.row_dtype)], dim=2)
+        self.win_v = torch.cat([self.win_v, value.to(self.row_dtype)], dim=2)
         o._time("prefill", t0)
         return torch.cat(outs, dim=2)
 
@@ -289,8 +290,8 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         o = self.owner
         b, hq, _, d = query.shape
         # the new token enters the window; the one leaving it goes to the store (and the index) first
-        self.win_k = torch.cat([self.win_k, key_pre], dim=2)
-        self.win_v = torch.cat([self.win_v, value], dim=2)
+        self.win_k = torch.cat([self.win_k, key_pre.to(self.row_dtype)], dim=2)
+        self.win_v = torch.cat([self.win_v, value.to(self.row_dtype)], dim=2)
         extra = self.win_k.shape[2] - o.window
         if extra > 0:
             self._offload(self.win_k[:, :, :extra], self.win_v[:, :, :extra])
@@ -333,8 +334,8 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         pos_sel = idx.to(dev) + o.offset
         pos_sink = torch.arange(n_sink, device=dev).expand(b, o.info.num_kv_heads, n_sink) + o.offset
         pos_win = torch.arange(total - n_win, total, device=dev).expand(b, o.info.num_kv_heads, n_win) + o.offset
-        keys = torch.cat([self.sink_k, sel_k, self.win_k], dim=2)
-        values = torch.cat([self.sink_v, sel_v, self.win_v], dim=2)
+        keys = torch.cat([self.sink_k.to(sel_k.dtype), sel_k, self.win_k.to(sel_k.dtype)], dim=2)
+        values = torch.cat([self.sink_v.to(sel_v.dtype), sel_v, self.win_v.to(sel_v.dtype)], dim=2)
         positions = torch.cat([pos_sink, pos_sel, pos_win], dim=2)
         live = torch.cat([torch.ones(b, o.info.num_kv_heads, n_sink, dtype=torch.bool), valid,
                           torch.ones(b, o.info.num_kv_heads, n_win, dtype=torch.bool)], dim=2).to(dev)
@@ -428,7 +429,8 @@ class RetrievalCache(_RefusesReshaping, Cache):
     prefill_chunk : queries per dense attention block at prefill (bounds the attention's peak memory; pass
         ``prefill_chunk_size=cache.prefill_chunk`` to ``generate`` to chunk the whole forward too).
     offload : working form of stored rows, one of ``"exact"`` (model dtype), ``"float16"``, ``"int8"``,
-        ``"int4"``.
+        ``"int4"``. The resident sink and window rows are held in the model's dtype under ``"exact"`` and in a
+        16-bit dtype otherwise (float16 for a float32 model; :func:`resident_row_dtype`), upcast to attend.
     scorer : ``"banded"``, ``"positional"`` or ``"windowed"`` (see :mod:`kvrecall.retriever.fast_scoring`).
     near, band_ratio : banded scorer settings.
     rerank : float >= 1. Above 1, codes pick ``ceil(rerank * k)`` candidates per query head; their rows are
@@ -546,7 +548,8 @@ class RetrievalCache(_RefusesReshaping, Cache):
             layer.lazy_initialization(k[:, :, :0], v[:, :, :0])
             keep = min(cache.window, t)
             layer._offload(k[:, :, : t - keep], v[:, :, : t - keep])
-            layer.win_k, layer.win_v = k[:, :, t - keep :].contiguous(), v[:, :, t - keep :].contiguous()
+            layer.win_k = k[:, :, t - keep :].to(layer.row_dtype).contiguous()
+            layer.win_v = v[:, :, t - keep :].to(layer.row_dtype).contiguous()
             layer.length = t
         return cache
 
@@ -584,9 +587,8 @@ class RetrievalCache(_RefusesReshaping, Cache):
         Returns
         -------
         dict with ``resident_bytes`` (codes + sink + window rows of every layer, per cache: what would sit in
-        GPU memory), ``codebook_bytes`` (per-model decoded codebooks, shared by all sequences, reported apart),
-        ``scorer_state_bytes`` (the fast scorer's per-layer band index, int16 per stored token and KV head: kept
-        across steps for speed, not counted in ``resident_bytes``),
+        GPU memory; the scorer keeps no per-token state of its own), ``codebook_bytes`` (per-model decoded
+        codebooks, shared by all sequences, reported apart),
         ``offloaded_bytes`` (the store), ``dense_fp16_bytes`` (the same tokens as an fp16 KV cache), ``tokens``,
         ``batch``, ``mean_selected`` (rows attended per KV head per decode step, averaged over layers and steps),
         ``decode_steps`` and ``timings_ms`` (``score``, ``select``, ``gather``, ``attend``, ``offload``,
@@ -599,7 +601,6 @@ class RetrievalCache(_RefusesReshaping, Cache):
         return {
             "resident_bytes": sum(layer.resident_bytes() for layer in layers),
             "codebook_bytes": self.scorer.codebook_bytes,
-            "scorer_state_bytes": self.scorer.state_bytes,
             "offloaded_bytes": sum(layer.store.nbytes for layer in layers),
             "dense_fp16_bytes": dense,
             "tokens": tokens,

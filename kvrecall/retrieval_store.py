@@ -19,9 +19,17 @@ import torch
 
 from kvrecall.kernels.kivi import pack_int4, unpack_int4
 
-__all__ = ["OFFLOAD_FORMS", "OffloadStore", "RetrievalError"]
+__all__ = ["OFFLOAD_FORMS", "OffloadStore", "RetrievalError", "resident_row_dtype"]
 
 OFFLOAD_FORMS = ("exact", "float16", "int8", "int4")
+
+
+def resident_row_dtype(model_dtype: torch.dtype, form: str) -> torch.dtype:
+    """Dtype of the rows a retrieval cache keeps resident (sinks, window) next to rows offloaded in ``form``:
+    the model's own under ``"exact"``, else 16 bits (float16 for a float32 model; a 16-bit model's own)."""
+    if form == "exact" or model_dtype.itemsize <= 2:
+        return model_dtype
+    return torch.float16
 
 
 class RetrievalError(ValueError):

@@ -84,19 +84,12 @@ class CodeScorer:
             self._decoded = None
         self._bounds: list[int] = []  # banded: D_1, D_2, ... (grown on demand)
         self._tables: tuple[int, torch.Tensor, torch.Tensor] | None = None  # RoPE cos/sin from a start position
-        self._state: dict[int, dict] = {}  # per layer: the cached ``code + K * band`` index (see _index)
 
     @property
     def codebook_bytes(self) -> int:
         """Bytes of the per-model decoded codebooks this scorer keeps (shared by every sequence)."""
         t = self._decoded if self._decoded is not None else self._codebooks
         return t.numel() * t.element_size()
-
-    @property
-    def state_bytes(self) -> int:
-        """Bytes of the per-sequence scoring state kept across steps (the ``code + K * band`` index of every
-        layer, int16 per token and KV head while it fits); it sits beside the codes in resident memory."""
-        return sum(st["idx"].numel() * st["idx"].element_size() for st in self._state.values())
 
     # ------------------------------------------------------------------ pieces
     def _rotate_queries(self, q: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
@@ -213,56 +206,6 @@ class CodeScorer:
             out.append(int(math.ceil(out[-1] * self.band_ratio)))
         return out
 
-    def _band_of(self, distances: torch.Tensor) -> torch.Tensor:
-        """Band offset of each distance: 0 below ``D_1``, ``b`` in ``[D_b, D_{b+1})`` (``int64``, same shape)."""
-        if self.method != "banded" or distances.numel() == 0:
-            return torch.zeros_like(distances)
-        bounds = torch.tensor(self._boundaries(int(distances.max())), device=distances.device)
-        return torch.bucketize(distances, bounds, right=True)
-
-    def _index(self, layer: int, codes: torch.Tensor, hi: int, pos: int) -> torch.Tensor:
-        """``code + K * band`` of tokens ``0 .. hi-1`` for a query at ``pos``: ``[B, Hkv, >= hi]``, int16 while
-        every ``band * K + code`` fits (int32 beyond), widened to int64 only per step where it is used.
-
-        Kept per layer across steps: codes of stored tokens never change, so only new tokens are converted,
-        and a step that moves the query by a few positions only bumps the tokens crossing a band boundary.
-        A different codes tensor (grown, another sequence), another batch, or a query moved back or by more
-        than 256 positions rebuilds it.
-        """
-        k = 1 << self.settings.bits
-        st = self._state.get(layer)
-        ok = (st is not None and st["ref"]() is codes and st["pos"] <= pos <= st["pos"] + 256
-              and st["idx"].shape[:2] == codes.shape[:2])
-        if not ok:
-            b, hkv = codes.shape[:2]
-            idx = torch.empty(b, hkv, max(hi, 256), dtype=self._index_dtype(pos), device=codes.device)
-            st = {"ref": weakref.ref(codes), "pos": pos, "n": 0, "idx": idx}
-            self._state[layer] = st
-        idx = st["idx"]
-        if idx.dtype != self._index_dtype(pos) and idx.dtype == torch.int16:  # more bands than int16 holds
-            st["idx"] = idx = idx.to(torch.int32)
-        if pos != st["pos"]:  # tokens whose distance crossed a boundary move one band out
-            for bound in self._boundaries(pos):
-                s, e = max(0, st["pos"] - bound + 1), min(st["n"], pos - bound + 1)
-                if s < e:
-                    idx[:, :, s:e] += k
-            st["pos"] = pos
-        n = st["n"]
-        if hi > n:
-            if hi > idx.shape[2]:
-                grown = idx.new_empty(*idx.shape[:2], max(hi, 2 * idx.shape[2]))
-                grown[:, :, :n] = idx[:, :, :n]
-                st["idx"] = idx = grown
-            band = self._band_of(pos - torch.arange(n, hi, device=codes.device))
-            idx[:, :, n:hi] = (codes[:, :, n:hi, 0].long() + band * k).to(idx.dtype)
-            st["n"] = hi
-        return idx
-
-    def _index_dtype(self, pos: int) -> torch.dtype:
-        """int16 when ``band * K + code`` of every band up to distance ``pos`` (and the next) fits, else int32."""
-        n_bands = len(self._boundaries(pos)) + 1
-        return torch.int16 if (n_bands + 1) * (1 << self.settings.bits) <= 32767 else torch.int32
-
     def _key_tables(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE ``cos, sin [end - start, D]`` of positions ``start .. end-1``, sliced from a table shared by all
         layers and rebuilt only when the near range leaves it (every ``near`` steps of decoding)."""
@@ -286,16 +229,15 @@ class CodeScorer:
     def scores(self, layer: int, q: torch.Tensor, codes: torch.Tensor, lo: int, hi: int, pos: int) -> torch.Tensor:
         """Approximate scores of tokens ``lo .. hi-1`` for pre-RoPE queries at position ``pos``.
 
-        One LUT matmul for all far bands and heads, one ``gather`` for all far tokens (index ``band * K + code``
-        kept across steps, see :meth:`_index`), one decode + matmul for the near tokens. Equal (to float
-        rounding) to :meth:`scores_reference`.
+        One LUT matmul for all far bands and heads, one ``gather`` of the codes per band (a band is a contiguous
+        token range, so the codes alone index it: no per-token state is kept), one decode + matmul for the near
+        tokens. Equal (to float rounding) to :meth:`scores_reference`.
 
         Parameters
         ----------
         layer : int
         q : Tensor[B, Hq, D], pre-RoPE.
-        codes : Tensor[B, Hkv, >= hi, m], integer codes of tokens ``0 ..``; the rows of tokens already scored
-            must not change while the same tensor is passed (the retrieval cache only appends).
+        codes : Tensor[B, Hkv, >= hi, m], integer codes of tokens ``0 ..``.
         lo, hi : token range; pos : the query's position.
 
         Returns
@@ -310,34 +252,28 @@ class CodeScorer:
         n = max(0, hi - lo)
         if n == 0:
             return q.new_empty(b, hq, 0, dtype=torch.float32)
-        idx = self._index(layer, codes, hi, pos)
-        if self.method == "positional":
-            far_end = lo
-        elif self.method == "windowed":
-            far_end = hi
-        else:
-            far_end = min(hi, max(lo, pos - self.near + 1))
-        parts = []
-        if far_end > lo:
-            n_bands = 1 if self.method == "windowed" else int(self._band_of(torch.tensor([pos - lo]))) + 1
-            dist = torch.tensor(self._far_centres(n_bands), device=q.device)
+        ranges = self.bands(lo, hi, pos)
+        far = [(s, e) for s, e, dist in ranges if dist is not None]  # band offsets 0, 1, ... nearest first
+        out = torch.empty(b, hkv, g, n, device=q.device)
+        if far:
+            dist = torch.tensor(self._far_centres(len(far)), device=q.device)
             qr = self._rotate_queries(q, dist)  # [B, Hq, nb, D]
-            qm = qr.reshape(b, hkv, g * n_bands, d).transpose(0, 1).reshape(hkv, b * g * n_bands, d)
+            qm = qr.reshape(b, hkv, g * len(far), d).transpose(0, 1).reshape(hkv, b * g * len(far), d)
             lut = torch.bmm(qm, self._decoded[layer].transpose(1, 2))  # [Hkv, B*g*nb, K]
-            k = lut.shape[-1]
-            lut = lut.reshape(hkv, b, g, n_bands * k).transpose(0, 1)  # [B, Hkv, g, nb*K]
-            far_idx = idx[:, :, None, lo:far_end].long().expand(b, hkv, g, far_end - lo)
-            parts.append(lut.gather(3, far_idx))
-        if hi > far_end:
-            s = max(lo, far_end)
+            lut = lut.reshape(hkv, b, g, len(far), lut.shape[-1]).transpose(0, 1)  # [B, Hkv, g, nb, K]
+            for band, (s, e) in enumerate(far):
+                c = codes[:, :, None, s:e, 0].long().expand(b, hkv, g, e - s)
+                out[:, :, :, s - lo : e - lo] = lut[:, :, :, band].gather(3, c)
+        for s, e, dist in ranges:
+            if dist is not None:
+                continue
             k = self._decoded.shape[2]
-            rows = idx[:, :, s:hi].long() + (torch.arange(hkv, device=idx.device) * k)[:, None]
+            rows = codes[:, :, s:e, 0].long() + (torch.arange(hkv, device=codes.device) * k)[:, None]
             keys = self._decoded[layer].reshape(hkv * k, d).index_select(0, rows.reshape(-1)).reshape(b, hkv, -1, d)
-            cos, sin = self._key_tables(s, hi)
+            cos, sin = self._key_tables(s, e)
             keys = apply_rope(keys, cos, sin)
             qp = self._rotate_queries(q, torch.tensor([pos], device=q.device))[:, :, 0]  # [B, Hq, D]
-            parts.append(torch.matmul(qp.reshape(b, hkv, g, d), keys.transpose(2, 3)))  # [B, Hkv, g, n_near]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+            out[:, :, :, s - lo : e - lo] = torch.matmul(qp.reshape(b, hkv, g, d), keys.transpose(2, 3))
         return out.reshape(b, hq, n)
 
 
