@@ -41,6 +41,7 @@ import torch
 from kvrecall import defaults
 from kvrecall.models import apply_rope, model_info, rope_parameters, rope_tables, undo_rope
 from kvrecall.retrieval_store import OFFLOAD_FORMS, OffloadStore, RetrievalError, resident_row_dtype
+from kvrecall.retriever.code_buffer import CodeBuffer
 from kvrecall.retriever.codebooks import code_dtype, encode
 from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, padded_selection, topk_union
 from kvrecall.retriever.profile import RetrieverProfile
@@ -139,7 +140,7 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         self.owner, self.layer_idx = owner, layer_idx
         self.length = 0
         self.store: OffloadStore | None = None
-        self.codes: torch.Tensor | None = None  # [B, Hkv, cap, m]
+        self.codes: CodeBuffer | None = None  # [B, Hkv, n_off, m]
         self.sink_k = self.sink_v = None  # [B, Hkv, <=sinks, D] pre-RoPE
         self.win_k = self.win_v = None  # [B, Hkv, w, D] pre-RoPE
         self._last_key = None
@@ -157,8 +158,7 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         self.device, self.dtype = key_states.device, key_states.dtype
         self.row_dtype = resident_row_dtype(self.dtype, o.offload)
         self.store = OffloadStore(b, hkv, d, o.offload, self.dtype)
-        self.codes = torch.empty(b, hkv, 0, o.profile.settings.m, dtype=code_dtype(o.profile.settings.bits),
-                                 device=o.index_device)
+        self.codes = CodeBuffer(b, hkv, o.profile.settings.m, o.profile.settings.bits, o.index_device)
         rows = key_states.new_empty(b, hkv, 0, d, dtype=self.row_dtype)
         self.sink_k = self.sink_v = self.win_k = self.win_v = rows
         self.keys = self.values = key_states.new_empty(b, hkv, 0, d)  # what transformers inspects (batch, dtype)
@@ -193,12 +193,11 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         return self.store.length if self.store is not None else 0
 
     def resident_bytes(self) -> int:
-        """Codes (as stored) + sink and window rows of this layer."""
+        """Codes (as allocated) + sink and window rows of this layer."""
         if not self.is_initialized:
             return 0
-        codes = self.codes[:, :, : self.n_off]
         rows = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
-        return codes.numel() * codes.element_size() + rows
+        return self.codes.nbytes + rows
 
     def _offload(self, keys_pre: torch.Tensor, values: torch.Tensor) -> None:
         """Code and store rows ``[B, Hkv, n, D]`` at the next store indices; keep the first ones as sinks."""
@@ -213,13 +212,7 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
             self.sink_k = torch.cat([self.sink_k, keys_pre[:, :, :take].to(self.row_dtype)], dim=2)
             self.sink_v = torch.cat([self.sink_v, values[:, :, :take].to(self.row_dtype)], dim=2)
         self.store.append(keys_pre, values)
-        new_codes = o.encode_keys(self.layer_idx, keys_pre)  # [B, Hkv, n, m]
-        if start + n > self.codes.shape[2]:
-            grown = self.codes.new_empty(*self.codes.shape[:2], max(start + n, 2 * self.codes.shape[2], 256),
-                                         self.codes.shape[3])
-            grown[:, :, :start] = self.codes[:, :, :start]
-            self.codes = grown
-        self.codes[:, :, start : start + n] = new_codes.to(self.codes.device)
+        self.codes.append(o.encode_keys(self.layer_idx, keys_pre))  # [B, Hkv, n, m]
         o._time("offload", t0)
 
     # ---- attention

@@ -27,6 +27,7 @@ import weakref
 import torch
 
 from kvrecall.models import apply_rope, rope_tables
+from kvrecall.retriever.code_buffer import CodeBuffer
 from kvrecall.retriever.errors import RetrieverError
 from kvrecall.retriever.profile import RetrieverProfile
 
@@ -170,7 +171,8 @@ class CodeScorer:
         Parameters
         ----------
         q : Tensor[B, Hq, D], pre-RoPE.
-        codes : Tensor[B, Hkv, >= hi, m], integer codes of tokens ``0 ..``.
+        codes : Tensor[B, Hkv, >= hi, m] of integer codes of tokens ``0 ..``, or a
+            :class:`~kvrecall.retriever.code_buffer.CodeBuffer` holding them.
 
         Returns
         -------
@@ -186,11 +188,11 @@ class CodeScorer:
             hkv, n_codes = lut.shape[:2]
             lut = lut.reshape(hkv, n_codes, b, self.group, len(far)).permute(0, 4, 2, 1, 3).contiguous()
             for i, (s, e, _) in enumerate(far):
-                out[:, :, s - lo : e - lo] = self._gather_lut(lut, codes[:, :, s:e, 0].long(), i)
+                out[:, :, s - lo : e - lo] = self._gather_lut(lut, code_range(codes, s, e)[..., 0], i)
         for s, e, d in bands:
             if d is None:
                 positions = torch.arange(s, e, device=q.device)
-                out[:, :, s - lo : e - lo] = self._positional(layer, q, codes[:, :, s:e], positions, pos)
+                out[:, :, s - lo : e - lo] = self._positional(layer, q, code_range(codes, s, e), positions, pos)
         return out
 
     # ------------------------------------------------------------------ fast path
@@ -237,7 +239,8 @@ class CodeScorer:
         ----------
         layer : int
         q : Tensor[B, Hq, D], pre-RoPE.
-        codes : Tensor[B, Hkv, >= hi, m], integer codes of tokens ``0 ..``.
+        codes : Tensor[B, Hkv, >= hi, m] of integer codes of tokens ``0 ..``, or a
+            :class:`~kvrecall.retriever.code_buffer.CodeBuffer` holding them.
         lo, hi : token range; pos : the query's position.
 
         Returns
@@ -262,19 +265,26 @@ class CodeScorer:
             lut = torch.bmm(qm, self._decoded[layer].transpose(1, 2))  # [Hkv, B*g*nb, K]
             lut = lut.reshape(hkv, b, g, len(far), lut.shape[-1]).transpose(0, 1)  # [B, Hkv, g, nb, K]
             for band, (s, e) in enumerate(far):
-                c = codes[:, :, None, s:e, 0].long().expand(b, hkv, g, e - s)
+                c = code_range(codes, s, e)[:, :, None, :, 0].expand(b, hkv, g, e - s)
                 out[:, :, :, s - lo : e - lo] = lut[:, :, :, band].gather(3, c)
         for s, e, dist in ranges:
             if dist is not None:
                 continue
             k = self._decoded.shape[2]
-            rows = codes[:, :, s:e, 0].long() + (torch.arange(hkv, device=codes.device) * k)[:, None]
+            rows = code_range(codes, s, e)[..., 0] + (torch.arange(hkv, device=q.device) * k)[:, None]
             keys = self._decoded[layer].reshape(hkv * k, d).index_select(0, rows.reshape(-1)).reshape(b, hkv, -1, d)
             cos, sin = self._key_tables(s, e)
             keys = apply_rope(keys, cos, sin)
             qp = self._rotate_queries(q, torch.tensor([pos], device=q.device))[:, :, 0]  # [B, Hq, D]
             out[:, :, :, s - lo : e - lo] = torch.matmul(qp.reshape(b, hkv, g, d), keys.transpose(2, 3))
         return out.reshape(b, hq, n)
+
+
+def code_range(codes: torch.Tensor | CodeBuffer, start: int, end: int) -> torch.Tensor:
+    """Codes of tokens ``start .. end-1`` as ``int64 [B, Hkv, end - start, m]`` from a tensor or a buffer."""
+    if isinstance(codes, CodeBuffer):
+        return codes.range(start, end)
+    return codes[:, :, start:end].long()
 
 
 def _topk_rows_reference(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvrecall.retriever import KeyIndex, RetrieverError, RetrieverProfile, RetrieverSettings, lut_scores
-from kvrecall.retriever.fast_scoring import CodeScorer, _topk_rows, topk_union
+from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, _topk_rows, topk_union
 from kvrecall.retriever.rope_window import windowed_query
 from kvrecall.retriever.selection import select_from_scores
 
@@ -185,3 +185,21 @@ def test_many_bands_of_12_bit_codes_stay_exact():
                                    rtol=1e-4, atol=1e-4)
         n_bands.append(sum(d is not None for _, _, d in scorer.bands(4, min(pos, 1000), pos)))
     assert n_bands[0] < n_bands[-1] and n_bands[-1] >= 5
+
+
+@pytest.mark.parametrize("method", SCORERS)
+def test_scores_of_a_packed_code_buffer_equal_those_of_the_tensor(method):
+    from kvrecall.retriever.code_buffer import CodeBuffer
+
+    prof = _random_profile(bits=10, seed=5)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    codes = torch.randint(0, 1 << 10, (1, 2, 3001, 1), generator=gen)
+    buf = CodeBuffer(1, 2, 1, 10)
+    buf.append(codes[:, :, :1777])
+    buf.append(codes[:, :, 1777:])
+    assert buf.packed
+    scorer = CodeScorer(prof, method, near=100, band_ratio=1.5)
+    q = torch.randn(1, 6, 16, generator=gen)
+    torch.testing.assert_close(scorer.scores(1, q, buf, 5, 3001, 3050), scorer.scores(1, q, codes, 5, 3001, 3050))
+    torch.testing.assert_close(scorer.scores_reference(0, q, buf, 5, 3001, 3050),
+                               scorer.scores_reference(0, q, codes, 5, 3001, 3050))
