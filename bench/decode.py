@@ -55,7 +55,8 @@ def make_cache(model, profile, method: str, budget, args, kv):
     scorer = method.split(":", 1)[1] if method.startswith("ours") and ":" in method else args.scorer
     return RetrievalCache.from_kv(model, profile, kv, budget=budget, sinks=args.sinks, window=args.window,
                                   offload=args.offload if method.startswith("ours") else "exact",
-                                  scorer=scorer, selector=SELECTORS.get(method), rerank=args.rerank)
+                                  scorer=scorer, selector=SELECTORS.get(method), rerank=args.rerank,
+                                  rerank_floor=args.rerank_floor)
 
 
 def restore(model, cache):
@@ -509,6 +510,8 @@ def main(argv=None) -> int:
     ap.add_argument("--offload", default="int8")
     ap.add_argument("--rerank", type=float, default=None,
                     help="candidates per head as a multiple of the budget, rescored exactly (default: kvrecall.defaults)")
+    ap.add_argument("--rerank-floor", type=int, default=None,
+                    help="at least this many candidates per head when --rerank > 1 (default: kvrecall.defaults)")
     ap.add_argument("--kl-positions", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--speed-tokens", type=int, default=None)
@@ -545,6 +548,7 @@ def main(argv=None) -> int:
     from kvrecall import defaults
 
     args.rerank = defaults.RETRIEVAL_RERANK if args.rerank is None else args.rerank
+    args.rerank_floor = defaults.RETRIEVAL_RERANK_FLOOR if args.rerank_floor is None else args.rerank_floor
     model, tok = load_model(model_spec(args.model))
     started = time.perf_counter()
     if args.profile:
@@ -608,6 +612,7 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"argv": sys.argv[1:], "model": args.model, "contexts": contexts, "speed_contexts": speed_contexts,
                 "budgets": args.budgets, "main_budget": args.main_budget, "scorer": args.scorer, "rerank": args.rerank,
+                "rerank_floor": args.rerank_floor,
                 "offload": args.offload, "threads": args.threads, "profile": str(args.profile),
                 "profile_settings": {"kind": profile.settings.kind, "bits": profile.settings.bits,
                                      "rope_mode": profile.settings.rope_mode},

@@ -300,7 +300,7 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         if o.rope_scaling != 1.0:
             q_pre = q_pre / o.rope_scaling
         rerank = o.rerank > 1.0 and o.selector is None and k < n_off - lo
-        k_pick = min(n_off - lo, int(math.ceil(o.rerank * k))) if rerank else k
+        k_pick = min(n_off - lo, max(int(math.ceil(o.rerank * k)), o.rerank_floor)) if rerank else k
         chosen = self._choose(q_pre.to(o.index_device), lo, n_off, k_pick, pos)
         t1 = time.perf_counter()
         o.timings["score"] += t1 - t0
@@ -430,6 +430,9 @@ class RetrievalCache(_RefusesReshaping, Cache):
         gathered and scored exactly (dequantized keys at true positions), and attention runs over each query
         head's exact top-``k`` among them (unioned per GQA group). Costs ``rerank`` times the gathered rows;
         1.0 attends the codes' top-``k`` directly. Default ``kvrecall.defaults.RETRIEVAL_RERANK``.
+    rerank_floor : int >= 0. With ``rerank > 1`` the codes pick at least this many candidates per query head
+        (``max(ceil(rerank * k), rerank_floor)``): at short contexts a budget's ``rerank * k`` is too few to hold
+        keys the codes rank badly (docs/retrieval-decoding.md). Default ``kvrecall.defaults.RETRIEVAL_RERANK_FLOOR``.
     backend : ``"torch"`` or ``"triton"`` (the kernels; on CPU only under ``TRITON_INTERPRET=1``).
     selector : optional callable ``(layer, q_pre [B, Hq, D], lo, n_off, k, pos) -> list[list[indices]]``
         replacing code scoring (oracle / Quest / StreamingLLM baselines in the same runtime).
@@ -457,6 +460,7 @@ class RetrievalCache(_RefusesReshaping, Cache):
         backend: str = "torch",
         selector=None,
         rerank: float = defaults.RETRIEVAL_RERANK,
+        rerank_floor: int = defaults.RETRIEVAL_RERANK_FLOOR,
     ) -> None:
         from kvrecall.retriever.errors import RetrieverError
 
@@ -482,13 +486,15 @@ class RetrievalCache(_RefusesReshaping, Cache):
             raise RetrievalError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if isinstance(rerank, bool) or not isinstance(rerank, (int, float)) or not rerank >= 1.0:
             raise RetrievalError(f"rerank must be a number >= 1.0, got {rerank!r}")
+        if isinstance(rerank_floor, bool) or not isinstance(rerank_floor, int) or rerank_floor < 0:
+            raise RetrievalError(f"rerank_floor must be an int >= 0, got {rerank_floor!r}")
         self.model, self.profile = model, profile
         self.info = model_info(model)
         self.inv_freq, self.rope_scaling = rope_parameters(model)
         self.budget, self.sinks, self.window = budget, sinks, window
         self.prefill_chunk, self.offload, self.backend = prefill_chunk, offload, backend
         self.selector = selector
-        self.rerank = float(rerank)
+        self.rerank, self.rerank_floor = float(rerank), rerank_floor
         self.probe = None
         self.offset = 0
         self.index_device = next(model.parameters()).device

@@ -213,7 +213,7 @@ def test_rerank_over_every_token_is_the_oracle_selection(stories_setup):
 
 def test_rerank_two_keeps_the_budget_and_rejects_bad_values(stories_setup):
     model, _, prof, ids, _ = stories_setup
-    cache = RetrievalCache(model, prof, budget=5, sinks=4, window=16, rerank=2.0)
+    cache = RetrievalCache(model, prof, budget=5, sinks=4, window=16, rerank=2.0, rerank_floor=0)
     _generate(model, ids, cache, n=4)
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     for layer in cache.layers:
@@ -230,3 +230,18 @@ def test_resident_rows_are_16_bit_unless_offload_is_exact():
     assert resident_row_dtype(torch.float32, "int8") == torch.float16
     assert resident_row_dtype(torch.bfloat16, "int4") == torch.bfloat16
     assert resident_row_dtype(torch.float16, "float16") == torch.float16
+
+
+def test_rerank_floor_sets_the_least_candidates_per_head(stories_setup):
+    """With ``rerank > 1`` the codes pick ``max(ceil(rerank * k), rerank_floor)`` candidates per query head: the
+    rows gathered at a step cover that many per head (unioned over the GQA group), and attention stays at top-k."""
+    model, _, prof, ids, _ = stories_setup
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    cache = RetrievalCache(model, prof, budget=3, sinks=4, window=16, rerank=2.0, rerank_floor=40)
+    _generate(model, ids, cache, n=3)
+    for layer in cache.layers:
+        assert layer.n_off - 4 > 40 and 40 <= layer.last_gathered <= 40 * group
+        assert layer.last_attended <= 4 + 3 * group + 16
+    for bad in (-1, 2.5, True):
+        with pytest.raises(RetrievalError, match="rerank_floor"):
+            RetrievalCache(model, prof, rerank_floor=bad)
