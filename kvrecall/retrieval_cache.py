@@ -312,15 +312,21 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         s_max = idx.shape[2]
         t2 = time.perf_counter()
         o.timings["select"] += t2 - t1
-        sel_k, sel_v = self.store.gather(idx, query.device) if s_max else (key_pre[:, :, :0], value[:, :, :0])
         self.last_gathered = s_max
+        if not s_max:
+            sel_k, sel_v = key_pre[:, :, :0], value[:, :, :0]
+        elif rerank:  # the candidates' keys, then the values of the rows their exact scores keep
+            cand_k = self.store.gather_part("k", idx, query.device)
+            t3 = time.perf_counter()
+            idx, valid, sel_k = self._rerank(query, idx, valid, cand_k, k, scale)
+            t4 = time.perf_counter()
+            sel_v = self.store.gather_part("v", idx, query.device)
+            o.timings["select"] += t4 - t3
+            t2 += t4 - t3  # gather time = keys + values
+        else:
+            sel_k, sel_v = self.store.gather(idx, query.device)
         t3 = time.perf_counter()
         o.timings["gather"] += t3 - t2
-        if rerank and s_max:
-            idx, valid, sel_k, sel_v = self._rerank(query, idx, valid, sel_k, sel_v, k, scale)
-            t4 = time.perf_counter()
-            o.timings["select"] += t4 - t3
-            t3 = t4
         # ---- attend over sinks + selected + window
         n_sink, n_win = self.sink_k.shape[2], self.win_k.shape[2]
         dev = query.device
@@ -342,9 +348,9 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         o.timings["attend"] += time.perf_counter() - t3
         return out
 
-    def _rerank(self, query, idx, valid, sel_k, sel_v, k: int, scale: float):
-        """Exact scores of the gathered candidates ``[B, Hkv, C]``; keep each query head's top-``k`` (unioned per
-        GQA group), compacted to ``[B, Hkv, S]`` with ``S <= C``."""
+    def _rerank(self, query, idx, valid, sel_k, k: int, scale: float):
+        """Exact scores of the candidates ``idx [B, Hkv, C]`` from their gathered keys ``sel_k``; keep each query
+        head's top-``k`` (unioned per GQA group): ``idx, valid [B, Hkv, S]`` (CPU) and their keys, ``S <= C``."""
         o = self.owner
         b, hkv, c = idx.shape
         d = query.shape[3]
@@ -358,8 +364,7 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         s_new = int(keep.sum(-1).max())
         order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :, :s_new]  # kept first, in order
         rows = order[..., None].expand(b, hkv, s_new, d)
-        return (idx.gather(2, order.cpu()), keep.gather(2, order).cpu(), sel_k.gather(2, rows),
-                sel_v.gather(2, rows))
+        return idx.gather(2, order.cpu()), keep.gather(2, order).cpu(), sel_k.gather(2, rows)
 
     def _choose(self, q_pre: torch.Tensor, lo: int, n_off: int, k: int, pos: int) -> list[list[torch.Tensor]]:
         o = self.owner

@@ -136,12 +136,16 @@ class OffloadStore:
     def gather(self, indices: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of token indices ``[B, Hkv, S]`` (all valid, ``< length``): ``[B, Hkv, S, D]`` each,
         in the model's dtype on ``device`` (host gather, then one copy)."""
-        idx = indices.to("cpu")
-        k, v = self._decode("k", idx), self._decode("v", idx)
+        return self.gather_part("k", indices, device), self.gather_part("v", indices, device)
+
+    def gather_part(self, part: str, indices: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Keys (``part="k"``) or values (``"v"``) of token indices ``[B, Hkv, S]``: ``[B, Hkv, S, D]`` in the
+        model's dtype on ``device`` (a rerank fetches its candidates' keys, then the chosen rows' values)."""
+        if part not in ("k", "v"):
+            raise RetrievalError(f"part must be 'k' or 'v', got {part!r}")
+        rows = self._decode(part, indices.to("cpu"))
         device = torch.device(device)
-        if device.type != "cpu":
-            k, v = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
-        return k, v
+        return rows.to(device, non_blocking=True) if device.type != "cpu" else rows
 
     def all_rows(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored row (for prefill chunks that attend densely to earlier ones)."""
