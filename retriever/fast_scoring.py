@@ -10,10 +10,13 @@ Three scorers of the same codes, measured side by side in ``bench/decode.py`` an
     is one gather ``LUT[code]``. ``O(K * head_dim + T)``.
 ``banded`` (default)
     Tokens nearer than ``near`` are scored ``positional``; farther tokens by distance bands growing
-    geometrically by ``band_ratio``, each band with its own LUT at the band's centre distance. RoPE's
-    ``(R_p q)·(R_j k) = (R_{p-j} q)·k`` makes a LUT exact at its own distance; the error of a band grows only
-    with its width relative to the RoPE wavelengths, and the near band, where attention is most
-    position-specific, stays exact. ``O(n_bands * K * head_dim + near * head_dim + T)``.
+    geometrically by ``band_ratio``, each band with its own LUT. RoPE's ``(R_p q)·(R_j k) = (R_{p-j} q)·k``
+    lets one rotated query score every code at one distance; a band's query is the *mean* rotation over the
+    band's distances (RoPE at the middle distance, each frequency pair scaled by the Dirichlet kernel
+    ``sin(θw/2) / (w sin(θ/2))`` of the band width ``w``), so a band's LUT score is the exact score of the code
+    averaged over the band: frequencies that turn many times within the band, whose phase a single distance
+    would guess at random, weigh nothing, slow ones keep their full weight. The near band, where attention is
+    most position-specific, stays exact. ``O(n_bands * K * head_dim + near * head_dim + T)``.
 
 All scorers read only codes, the decoded centroids of the profile (per-model, shared by all sequences) and the
 query; they never touch the full keys.
@@ -83,7 +86,6 @@ class CodeScorer:
             self._decoded = torch.einsum("lhkd,lhed->lhke", self._codebooks[:, :, 0], self._query_t).contiguous()
         else:
             self._decoded = None
-        self._bounds: list[int] = []  # banded: D_1, D_2, ... (grown on demand)
         self._tables: tuple[int, torch.Tensor, torch.Tensor] | None = None  # RoPE cos/sin from a start position
 
     @property
@@ -142,9 +144,10 @@ class CodeScorer:
             out.append(torch.stack(rows).permute(0, 2, 1).reshape(hkv * self.group, -1))
         return torch.stack(out)
 
-    def bands(self, lo: int, hi: int, pos: int) -> list[tuple[int, int, int | None]]:
-        """Token ranges ``(start, end, distance)`` covering ``[lo, hi)`` for a query at ``pos``; ``distance`` None
-        marks the exactly scored range."""
+    def bands(self, lo: int, hi: int, pos: int) -> list[tuple[int, int, float | None]]:
+        """Token ranges ``(start, end, distance)`` covering ``[lo, hi)`` for a query at ``pos``, nearest first;
+        ``distance`` is the LUT's (banded: the middle distance of the range's tokens), None marks the exactly
+        scored range."""
         if hi <= lo:
             return []
         if self.method == "positional":
@@ -160,9 +163,22 @@ class CodeScorer:
         while end > lo:
             d_hi = int(math.ceil(d_lo * self.band_ratio))
             start = max(lo, pos - d_hi + 1)
-            out.append((start, end, int(round(math.sqrt(d_lo * d_hi)))))
+            out.append((start, end, pos - (start + end - 1) / 2))
             end, d_lo = start, d_hi
         return out
+
+    def _band_queries(self, q: torch.Tensor, far: list[tuple[int, int, float]]) -> torch.Tensor:
+        """``q [B, Hq, D]`` pre-RoPE -> the LUT queries of the far ranges ``far`` (``bands`` entries):
+        ``[B, Hq, n_far, D]``. Windowed: rotated by the profile's distance. Banded: the mean rotation over each
+        range's distances (see the module docstring)."""
+        dist = torch.tensor([d for _, _, d in far], dtype=torch.float64, device=q.device)
+        qr = self._rotate_queries(q, dist)
+        if self.method != "banded":
+            return qr
+        theta = self.inv_freq.double()[None, :]  # [1, D/2]
+        width = torch.tensor([e - s for s, e, _ in far], dtype=torch.float64, device=q.device)[:, None]
+        kernel = torch.sin(theta * width / 2) / (width * torch.sin(theta / 2))  # [n_far, D/2], 1 at width 1
+        return qr * torch.cat([kernel, kernel], dim=-1).float()
 
     def scores_reference(self, layer: int, q: torch.Tensor, codes: torch.Tensor, lo: int, hi: int,
                          pos: int) -> torch.Tensor:
@@ -183,8 +199,7 @@ class CodeScorer:
         bands = self.bands(lo, hi, pos)
         far = [(s, e, d) for s, e, d in bands if d is not None]
         if far:
-            dist = torch.tensor([d for _, _, d in far], device=q.device)
-            lut = self._lut(layer, self._rotate_queries(q, dist))  # [Hkv, K, B * group * n_far]
+            lut = self._lut(layer, self._band_queries(q, far))  # [Hkv, K, B * group * n_far]
             hkv, n_codes = lut.shape[:2]
             lut = lut.reshape(hkv, n_codes, b, self.group, len(far)).permute(0, 4, 2, 1, 3).contiguous()
             for i, (s, e, _) in enumerate(far):
@@ -196,18 +211,6 @@ class CodeScorer:
         return out
 
     # ------------------------------------------------------------------ fast path
-    def _boundaries(self, max_distance: int) -> list[int]:
-        """Distances ``D_1 < D_2 < ...`` where a token's band offset grows by one (``D_0 = near`` is not one:
-        the near range and the first far band share offset 0); enough to cover ``max_distance``."""
-        if self.method != "banded":
-            return []
-        out = self._bounds
-        if not out:
-            out.append(int(math.ceil(self.near * self.band_ratio)))
-        while out[-1] <= max_distance:
-            out.append(int(math.ceil(out[-1] * self.band_ratio)))
-        return out
-
     def _key_tables(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE ``cos, sin [end - start, D]`` of positions ``start .. end-1``, sliced from a table shared by all
         layers and rebuilt only when the near range leaves it (every ``near`` steps of decoding)."""
@@ -218,15 +221,6 @@ class CodeScorer:
             self._tables = c = (start, cos, sin)
         a, b = start - c[0], end - c[0]
         return c[1][a:b], c[2][a:b]
-
-    def _far_centres(self, n_bands: int) -> list[int]:
-        """LUT distance of each band offset ``0 .. n_bands-1`` (``windowed``: the profile's fixed distance)."""
-        if self.method == "windowed":
-            return [int(self.settings.window_distance)]
-        while len(self._bounds) < n_bands:
-            self._boundaries(self._bounds[-1] if self._bounds else self.near)
-        lows = [self.near] + self._bounds
-        return [int(round(math.sqrt(lows[i] * lows[i + 1]))) for i in range(n_bands)]
 
     def scores(self, layer: int, q: torch.Tensor, codes: torch.Tensor, lo: int, hi: int, pos: int) -> torch.Tensor:
         """Approximate scores of tokens ``lo .. hi-1`` for pre-RoPE queries at position ``pos``.
@@ -256,15 +250,14 @@ class CodeScorer:
         if n == 0:
             return q.new_empty(b, hq, 0, dtype=torch.float32)
         ranges = self.bands(lo, hi, pos)
-        far = [(s, e) for s, e, dist in ranges if dist is not None]  # band offsets 0, 1, ... nearest first
+        far = [r for r in ranges if r[2] is not None]  # nearest first
         out = torch.empty(b, hkv, g, n, device=q.device)
         if far:
-            dist = torch.tensor(self._far_centres(len(far)), device=q.device)
-            qr = self._rotate_queries(q, dist)  # [B, Hq, nb, D]
+            qr = self._band_queries(q, far)  # [B, Hq, nb, D]
             qm = qr.reshape(b, hkv, g * len(far), d).transpose(0, 1).reshape(hkv, b * g * len(far), d)
             lut = torch.bmm(qm, self._decoded[layer].transpose(1, 2))  # [Hkv, B*g*nb, K]
             lut = lut.reshape(hkv, b, g, len(far), lut.shape[-1]).transpose(0, 1)  # [B, Hkv, g, nb, K]
-            for band, (s, e) in enumerate(far):
+            for band, (s, e, _) in enumerate(far):
                 c = code_range(codes, s, e)[:, :, None, :, 0].expand(b, hkv, g, e - s)
                 out[:, :, :, s - lo : e - lo] = lut[:, :, :, band].gather(3, c)
         for s, e, dist in ranges:
