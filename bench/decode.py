@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -134,13 +135,17 @@ def kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------- scoring speed
-def scoring_rows(profile, contexts, budget, reps, threads):
+def scoring_rows(profile, contexts, budget, reps, threads, rerank=1.0, rerank_floor=0):
     """Score + select time per layer per decode step (one layer, batch 1) for each scorer, ``threads`` threads.
 
     Each scorer is timed twice side by side on the same codes and queries: ``fast`` (``CodeScorer.scores`` +
     ``topk_union``, the runtime's path) and ``reference`` (``scores_reference`` + ``topk_union_reference``, the
-    per-band, per-head, per-row twin). The query moves one position per repetition, as in decoding.
+    per-band, per-head, per-row twin). The codes sit in a ``CodeBuffer`` as in the runtime (packed for 9-12
+    bits); selection picks the runtime's candidate count ``max(ceil(rerank * k), rerank_floor)`` (the exact
+    rescoring of the candidates is in the runtime's per-step breakdown, not here). The query moves one
+    position per repetition, as in decoding.
     """
+    from kvrecall.retriever.code_buffer import CodeBuffer
     from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, topk_union, topk_union_reference
     from kvrecall.retriever.selection import resolve_budget
 
@@ -152,9 +157,12 @@ def scoring_rows(profile, contexts, budget, reps, threads):
     try:
         for method in SCORERS:
             for T in contexts:
-                codes = torch.randint(0, 1 << s.bits, (1, s.num_kv_heads, T, 1), generator=gen).to(torch.int16)
+                codes = CodeBuffer(1, s.num_kv_heads, 1, s.bits)
+                codes.append(torch.randint(0, 1 << s.bits, (1, s.num_kv_heads, T, 1), generator=gen))
                 qs = [torch.randn(1, s.num_heads, s.head_dim, generator=gen) for _ in range(reps + 1)]
                 k = resolve_budget(budget, T)
+                if rerank > 1.0:
+                    k = min(T - 8, max(math.ceil(rerank * k), rerank_floor))
                 for impl in ("fast", "reference"):
                     scorer = CodeScorer(profile, method)
                     score_fn = scorer.scores if impl == "fast" else scorer.scores_reference
@@ -171,6 +179,7 @@ def scoring_rows(profile, contexts, budget, reps, threads):
                     score = 1e3 * statistics.median(times["score"][1:])
                     select = 1e3 * statistics.median(times["select"][1:])
                     rows.append({"scorer": method, "impl": impl, "context": T, "budget": budget, "threads": threads,
+                                 "candidates": k,
                                  "score_ms": score, "select_ms": select, "score_select_ms": score + select})
     finally:
         torch.set_num_threads(old)
@@ -182,11 +191,53 @@ def scoring_rows(profile, contexts, budget, reps, threads):
 
 
 def print_scoring(rows) -> None:
-    print(f"{'scorer':10s} {'impl':9s} {'ctx':>6s} {'score':>7s} {'select':>7s} {'total':>7s} {'x ref':>6s}"
-          "  ms per layer per step, 1 thread (medians)")
+    print(f"{'scorer':10s} {'impl':9s} {'ctx':>6s} {'cands':>6s} {'score':>7s} {'select':>7s} {'total':>7s} "
+          f"{'x ref':>6s}  ms per layer per step, 1 thread (medians)")
     for r in rows:
-        print(f"{r['scorer']:10s} {r['impl']:9s} {r['context']:6d} {r['score_ms']:7.2f} {r['select_ms']:7.2f} "
-              f"{r['score_select_ms']:7.2f} {r['speedup_vs_reference']:6.1f}")
+        print(f"{r['scorer']:10s} {r['impl']:9s} {r['context']:6d} {r['candidates']:6d} {r['score_ms']:7.2f} "
+              f"{r['select_ms']:7.2f} {r['score_select_ms']:7.2f} {r['speedup_vs_reference']:6.1f}")
+
+
+def recall_rows(model, profile, args, T: int, eval_ids: torch.Tensor, positions: int = 8) -> list[dict]:
+    """Candidate recall of each scorer on real queries: the share of the oracle's top-``k`` attention mass
+    (``k`` = the main budget; sinks and the window excluded, they are always attended) that falls inside the
+    scorer's top ``C`` candidates, for ``C`` = ``rerank * k`` and the rerank floor, averaged over the last
+    ``positions`` queries of a ``T``-token text, every layer and query head."""
+    from kvrecall.models import apply_rope, capture_qkv, rope_tables
+    from kvrecall.retrieval_cache import RetrievalCache
+    from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer
+    from kvrecall.retriever.selection import resolve_budget
+
+    qkv = capture_qkv(model, eval_ids[:T])
+    layers, hq, _, d = qkv.q.shape
+    group = hq // qkv.k.shape[1]
+    encoder = RetrievalCache(model, profile)
+    encoder.restore_attention()
+    codes = [encoder.encode_keys(layer, qkv.k[layer][None]) for layer in range(layers)]
+    scorers = {name: CodeScorer(profile, name) for name in SCORERS}
+    k = resolve_budget(args.main_budget, T)
+    sizes = sorted({math.ceil(args.rerank * k), args.rerank_floor} - {0})
+    got = {(name, c): [] for name in scorers for c in sizes}
+    inv = profile.inv_freq
+    for pos in range(T - positions, T):
+        n = pos - args.window  # stored tokens 0 .. n-1
+        cos, sin = rope_tables(inv, torch.arange(n), profile.settings.rope_scaling)
+        cq, sq = rope_tables(inv, torch.tensor([pos]), profile.settings.rope_scaling)
+        for layer in range(layers):
+            keys = apply_rope(qkv.k[layer][:, :n].float(), cos, sin).repeat_interleave(group, 0)
+            q = qkv.q[layer][:, pos].float()  # [Hq, D] pre-RoPE
+            w = torch.softmax((apply_rope(q[:, None], cq, sq) * keys).sum(-1) / d ** 0.5, -1)
+            w[:, : args.sinks] = 0
+            top = w.topk(k, -1)
+            for name, scorer in scorers.items():
+                scores = scorer.scores(layer, q[None], codes[layer], args.sinks, n, pos)[0]
+                for c in sizes:
+                    inside = torch.zeros_like(w, dtype=torch.bool)
+                    inside.scatter_(1, scores.topk(min(c, n - args.sinks), -1).indices + args.sinks, True)
+                    share = (top.values * inside.gather(1, top.indices)).sum(-1) / top.values.sum(-1)
+                    got[(name, c)].append(float(share.mean()))
+    return [{"context": T, "scorer": name, "candidates": c, "k": k, "recall_of_oracle_mass": statistics.mean(v)}
+            for (name, c), v in got.items()]
 
 
 # ------------------------------------------------------------------------------------------- main loops
@@ -521,14 +572,20 @@ def main(argv=None) -> int:
     ap.add_argument("--sinks", type=int, default=8)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--scorer-recall", action="store_true",
+                    help="also the scorers' candidate recall of the oracle's top-k mass at each quality context")
     ap.add_argument("--scoring-only", action="store_true",
                     help="only the scorer timing table (SmolLM2 shape, 12-bit VQ, random codes, 1 thread)")
     args = ap.parse_args(argv)
     q = args.quick
+    from kvrecall import defaults
+
+    args.rerank = defaults.RETRIEVAL_RERANK if args.rerank is None else args.rerank
+    args.rerank_floor = defaults.RETRIEVAL_RERANK_FLOOR if args.rerank_floor is None else args.rerank_floor
     if args.scoring_only:
         prof = random_profile(1, 9, 3, 64, 12, 1e5)
         ctxs = args.speed_contexts or [8192, 32768]
-        rows = scoring_rows(prof, ctxs, args.main_budget, 3 if q else 9, 1)
+        rows = scoring_rows(prof, ctxs, args.main_budget, 3 if q else 9, 1, args.rerank, args.rerank_floor)
         print_scoring(rows)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -545,10 +602,6 @@ def main(argv=None) -> int:
     args.new_tokens = args.new_tokens or (8 if q else 64)
     args.speed_tokens = args.speed_tokens or (4 if q else 16)
     args.passcode_cases = args.passcode_cases if args.passcode_cases is not None else (1 if q else 10)
-    from kvrecall import defaults
-
-    args.rerank = defaults.RETRIEVAL_RERANK if args.rerank is None else args.rerank
-    args.rerank_floor = defaults.RETRIEVAL_RERANK_FLOOR if args.rerank_floor is None else args.rerank_floor
     model, tok = load_model(model_spec(args.model))
     started = time.perf_counter()
     if args.profile:
@@ -577,8 +630,10 @@ def main(argv=None) -> int:
             for T in speed_contexts:
                 rows += speed_rows(model, profile, args, T, kv_real, [m for m in methods if m in ("dense", "ours")],
                                    args.budgets, bar)
+    recall = [r for T in (contexts if args.scorer_recall else []) for r in recall_rows(model, profile, args, T,
+                                                                                        eval_ids)]
     score_rows = scoring_rows(profile, sorted(set(speed_contexts + [max(contexts)])), args.main_budget,
-                              3 if q else 7, 1)
+                              3 if q else 7, 1, args.rerank, args.rerank_floor)
     elapsed = time.perf_counter() - started
 
     def f(v, spec):
@@ -608,6 +663,12 @@ def main(argv=None) -> int:
             print(f"{r['context']:6d} {r['method']:13s} {r['passcode_accuracy']:.2f} ({r['passcode_cases']} cases)")
     print()
     print_scoring(score_rows)
+    if recall:
+        print(f"\n{'ctx':>6s} {'scorer':10s} {'cands':>6s} {'k':>5s} {'recall':>7s}  share of the oracle's top-k mass "
+              "inside the scorer's candidates (sinks, window excluded)")
+        for r in recall:
+            print(f"{r['context']:6d} {r['scorer']:10s} {r['candidates']:6d} {r['k']:5d} "
+                  f"{r['recall_of_oracle_mass']:7.4f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"argv": sys.argv[1:], "model": args.model, "contexts": contexts, "speed_contexts": speed_contexts,
@@ -619,7 +680,8 @@ def main(argv=None) -> int:
                 "kl_positions": args.kl_positions, "new_tokens": args.new_tokens,
                 "passcode_cases": args.passcode_cases, "elapsed_s": elapsed,
                 "note": "speed_only rows tile real KV past the longest quality context"}
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "scoring": score_rows}, indent=1))
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "scoring": score_rows, "recall": recall},
+                                        indent=1))
         plot(rows, args.json.with_suffix(".png"))
         print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
     return 0
