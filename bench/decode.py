@@ -292,7 +292,7 @@ def memory_and_breakdown(cache, s_per_tok: float, n_new: int) -> dict:
     step_ms = 1e3 * s_per_tok
     per["rest_ms"] = step_ms - sum(per.values())
     return {"resident_bytes": st["resident_bytes"], "offloaded_bytes": st["offloaded_bytes"],
-            "codebook_bytes": st["codebook_bytes"],
+            "codebook_bytes": st["codebook_bytes"], "rope_table_bytes": st["rope_table_bytes"],
             "dense_fp16_bytes": st["dense_fp16_bytes"],
             "resident_fraction": st["resident_bytes"] / st["dense_fp16_bytes"], "mean_selected": st["mean_selected"],
             "step_ms": step_ms, **per}

@@ -52,6 +52,8 @@ __all__ = ["RetrievalCache", "RetrievalLayer", "RetrievalError", "ATTENTION_NAME
 ATTENTION_NAME = "kvrecall_retrieval"
 BACKENDS = ("torch", "triton")
 _PENDING = threading.local()
+_ROPE_STEP = 4096  # positions: a shared RoPE table grows in steps of this
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (inv_freq, scaling, device) -> cos, sin
 _STAGES = ("score", "select", "gather", "attend", "offload", "prefill")
 
 
@@ -242,10 +244,7 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
 
     def _rotated(self, keys_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         o = self.owner
-        cos, sin = rope_tables(o.inv_freq.to(keys_pre.device), positions.reshape(-1), o.rope_scaling)
-        shape = positions.shape
-        if positions.ndim > 1:  # per-row positions [B, Hkv, S]
-            cos, sin = cos.reshape(*shape, -1), sin.reshape(*shape, -1)
+        cos, sin = o.rope_rows(positions)  # [..., D]; [B, Hkv, S, D] for per-row positions
         return apply_rope(keys_pre, cos.to(keys_pre.dtype), sin.to(keys_pre.dtype))
 
     def _prefill(self, query, key, value, key_pre, scale: float) -> torch.Tensor:
@@ -501,6 +500,7 @@ class RetrievalCache(_RefusesReshaping, Cache):
         self.selector = selector
         self.rerank, self.rerank_floor = float(rerank), rerank_floor
         self.probe = None
+        self._rope_key = None  # the shared RoPE table this cache reads (see rope_rows)
         self.offset = 0
         self.index_device = next(model.parameters()).device
         self.scorer = CodeScorer(profile, scorer, near=near, band_ratio=band_ratio, device=self.index_device)
@@ -558,6 +558,23 @@ class RetrievalCache(_RefusesReshaping, Cache):
         return cache
 
     # ---- helpers used by the layers
+    def rope_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE ``cos, sin [*positions.shape, D]`` of integer ``positions``: rows of a table shared by every
+        cache of the same RoPE (per model, like the codebooks; ``rope_table_bytes`` in :meth:`stats`), grown in
+        4,096-position steps, equal to :func:`~kvrecall.models.rope_tables` (computing them per step cost more
+        than the attention it served: 7 ms for 15K rows on one core)."""
+        flat = positions.reshape(-1).long()
+        need = int(flat.max()) + 1 if flat.numel() else 0
+        key = (tuple(self.inv_freq.tolist()), float(self.rope_scaling), str(flat.device))
+        table = _ROPE_TABLES.get(key)
+        if table is None or table[0].shape[0] < need:
+            n = max(_ROPE_STEP, -(-need // _ROPE_STEP) * _ROPE_STEP)
+            table = rope_tables(self.inv_freq.to(flat.device), torch.arange(n, device=flat.device), self.rope_scaling)
+            _ROPE_TABLES[key] = table
+        self._rope_key = key
+        cos, sin = table[0].index_select(0, flat), table[1].index_select(0, flat)
+        return cos.reshape(*positions.shape, -1), sin.reshape(*positions.shape, -1)
+
     def encode_keys(self, layer: int, keys_pre: torch.Tensor) -> torch.Tensor:
         """Codes ``[B, Hkv, n, m]`` of pre-RoPE keys ``[B, Hkv, n, D]`` (query-aware transform, nearest centroid)."""
         k = keys_pre.to(self.index_device).float()
@@ -592,7 +609,8 @@ class RetrievalCache(_RefusesReshaping, Cache):
         -------
         dict with ``resident_bytes`` (codes + sink + window rows of every layer, per cache: what would sit in
         GPU memory; the scorer keeps no per-token state of its own), ``codebook_bytes`` (per-model decoded
-        codebooks, shared by all sequences, reported apart),
+        codebooks, shared by all sequences, reported apart), ``rope_table_bytes`` (the RoPE cos/sin table of
+        the positions seen, shared by every cache of the model, reported apart),
         ``offloaded_bytes`` (the store), ``dense_fp16_bytes`` (the same tokens as an fp16 KV cache), ``tokens``,
         ``batch``, ``mean_selected`` (rows attended per KV head per decode step, averaged over layers and steps),
         ``decode_steps`` and ``timings_ms`` (``score``, ``select``, ``gather``, ``attend``, ``offload``,
@@ -605,6 +623,7 @@ class RetrievalCache(_RefusesReshaping, Cache):
         return {
             "resident_bytes": sum(layer.resident_bytes() for layer in layers),
             "codebook_bytes": self.scorer.codebook_bytes,
+            "rope_table_bytes": sum(t.numel() * t.element_size() for t in _ROPE_TABLES.get(self._rope_key, ())),
             "offloaded_bytes": sum(layer.store.nbytes for layer in layers),
             "dense_fp16_bytes": dense,
             "tokens": tokens,

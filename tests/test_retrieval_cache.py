@@ -245,3 +245,19 @@ def test_rerank_floor_sets_the_least_candidates_per_head(stories_setup):
     for bad in (-1, 2.5, True):
         with pytest.raises(RetrievalError, match="rerank_floor"):
             RetrievalCache(model, prof, rerank_floor=bad)
+
+
+def test_rope_rows_equal_rope_tables_and_are_shared(stories_setup):
+    from kvrecall.models import rope_tables
+
+    model, _, prof, _, _ = stories_setup
+    a = RetrievalCache(model, prof)
+    b = RetrievalCache(model, prof)
+    a.restore_attention()
+    pos = torch.randint(0, 9000, (2, 3, 50))
+    cos, sin = a.rope_rows(pos)
+    want_cos, want_sin = rope_tables(a.inv_freq, pos.reshape(-1), a.rope_scaling)
+    assert cos.shape == (2, 3, 50, a.inv_freq.numel() * 2)
+    assert torch.equal(cos.reshape(-1, cos.shape[-1]), want_cos) and torch.equal(sin.reshape(-1, sin.shape[-1]), want_sin)
+    b.rope_rows(torch.tensor([5]))
+    assert b.stats()["rope_table_bytes"] == a.stats()["rope_table_bytes"] >= 2 * 9000 * cos.shape[-1] * 4
