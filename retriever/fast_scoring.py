@@ -25,7 +25,6 @@ query; they never touch the full keys.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
