@@ -145,6 +145,7 @@ def scoring_rows(profile, contexts, budget, reps, threads, rerank=1.0, rerank_fl
     rescoring of the candidates is in the runtime's per-step breakdown, not here). The query moves one
     position per repetition, as in decoding.
     """
+    from kvrecall.retrieval_cache import rerank_candidates
     from kvrecall.retriever.code_buffer import CodeBuffer
     from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, topk_union, topk_union_reference
     from kvrecall.retriever.selection import resolve_budget
@@ -162,7 +163,7 @@ def scoring_rows(profile, contexts, budget, reps, threads, rerank=1.0, rerank_fl
                 qs = [torch.randn(1, s.num_heads, s.head_dim, generator=gen) for _ in range(reps + 1)]
                 k = resolve_budget(budget, T)
                 if rerank > 1.0:
-                    k = min(T - 8, max(math.ceil(rerank * k), rerank_floor))
+                    k = rerank_candidates(k, rerank, rerank_floor, T - 8)
                 for impl in ("fast", "reference"):
                     scorer = CodeScorer(profile, method)
                     score_fn = scorer.scores if impl == "fast" else scorer.scores_reference

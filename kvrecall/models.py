@@ -37,6 +37,8 @@ __all__ = [
     "long_token_ids",
     "rope_parameters",
     "rope_tables",
+    "shared_rope_table",
+    "shared_rope_table_bytes",
     "rope_cos_sin",
     "rotate_half",
     "apply_rope",
@@ -274,6 +276,35 @@ def rope_tables(
     freqs = pos[:, None] * inv_freq.float()[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos() * scaling, emb.sin() * scaling
+
+
+_SHARED_ROPE_STEP = 4096  # positions: a shared RoPE table grows in steps of this
+_SHARED_ROPE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (inv_freq, scaling, device) -> cos, sin
+
+
+def _shared_rope_key(inv_freq: torch.Tensor, scaling: float) -> tuple:
+    return tuple(inv_freq.tolist()), float(scaling), str(inv_freq.device)
+
+
+def shared_rope_table(inv_freq: torch.Tensor, scaling: float, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_tables` of positions ``0 .. >= length-1`` from one table per (``inv_freq``, ``scaling``,
+    device) shared by the process (per model, like its weights), grown in 4,096-position steps.
+
+    Row ``p`` equals ``rope_tables(inv_freq, [p], scaling)`` bit for bit. Index it (``index_select``) or slice it
+    instead of computing cos/sin for the same positions again every decode step.
+    """
+    key = _shared_rope_key(inv_freq, scaling)
+    table = _SHARED_ROPE.get(key)
+    if table is None or table[0].shape[0] < length:
+        n = max(_SHARED_ROPE_STEP, -(-length // _SHARED_ROPE_STEP) * _SHARED_ROPE_STEP)
+        table = rope_tables(inv_freq, torch.arange(n, device=inv_freq.device), scaling)
+        _SHARED_ROPE[key] = table
+    return table
+
+
+def shared_rope_table_bytes(inv_freq: torch.Tensor, scaling: float) -> int:
+    """Bytes of the :func:`shared_rope_table` of this RoPE (0 before its first use)."""
+    return sum(t.numel() * t.element_size() for t in _SHARED_ROPE.get(_shared_rope_key(inv_freq, scaling), ()))
 
 
 def rope_cos_sin(model, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

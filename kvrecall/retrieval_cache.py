@@ -39,7 +39,8 @@ from collections import defaultdict
 import torch
 
 from kvrecall import defaults
-from kvrecall.models import apply_rope, model_info, rope_parameters, rope_tables, undo_rope
+from kvrecall.models import (apply_rope, model_info, rope_parameters, rope_tables, shared_rope_table,
+                             shared_rope_table_bytes, undo_rope)
 from kvrecall.retrieval_store import OFFLOAD_FORMS, OffloadStore, RetrievalError, resident_row_dtype
 from kvrecall.retriever.code_buffer import CodeBuffer
 from kvrecall.retriever.codebooks import code_dtype, encode
@@ -52,8 +53,6 @@ __all__ = ["RetrievalCache", "RetrievalLayer", "RetrievalError", "ATTENTION_NAME
 ATTENTION_NAME = "kvrecall_retrieval"
 BACKENDS = ("torch", "triton")
 _PENDING = threading.local()
-_ROPE_STEP = 4096  # positions: a shared RoPE table grows in steps of this
-_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (inv_freq, scaling, device) -> cos, sin
 _STAGES = ("score", "select", "gather", "attend", "offload", "prefill")
 
 
@@ -88,6 +87,12 @@ def _register() -> None:
     AttentionInterface.register(ATTENTION_NAME, _retrieval_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
     _REGISTERED = True
+
+
+def rerank_candidates(k: int, rerank: float, floor: int, available: int) -> int:
+    """Candidates the codes pick per query head before the exact rescoring of a ``rerank > 1`` step:
+    ``max(ceil(rerank * k), floor)``, at most the ``available`` stored tokens."""
+    return min(available, max(int(math.ceil(rerank * k)), floor))
 
 
 def _check_no_padding(mask: torch.Tensor | None) -> None:
@@ -299,7 +304,7 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         if o.rope_scaling != 1.0:
             q_pre = q_pre / o.rope_scaling
         rerank = o.rerank > 1.0 and o.selector is None and k < n_off - lo
-        k_pick = min(n_off - lo, max(int(math.ceil(o.rerank * k)), o.rerank_floor)) if rerank else k
+        k_pick = rerank_candidates(k, o.rerank, o.rerank_floor, n_off - lo) if rerank else k
         chosen = self._choose(q_pre.to(o.index_device), lo, n_off, k_pick, pos)
         t1 = time.perf_counter()
         o.timings["score"] += t1 - t0
@@ -500,7 +505,6 @@ class RetrievalCache(_RefusesReshaping, Cache):
         self.selector = selector
         self.rerank, self.rerank_floor = float(rerank), rerank_floor
         self.probe = None
-        self._rope_key = None  # the shared RoPE table this cache reads (see rope_rows)
         self.offset = 0
         self.index_device = next(model.parameters()).device
         self.scorer = CodeScorer(profile, scorer, near=near, band_ratio=band_ratio, device=self.index_device)
@@ -559,19 +563,13 @@ class RetrievalCache(_RefusesReshaping, Cache):
 
     # ---- helpers used by the layers
     def rope_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE ``cos, sin [*positions.shape, D]`` of integer ``positions``: rows of a table shared by every
-        cache of the same RoPE (per model, like the codebooks; ``rope_table_bytes`` in :meth:`stats`), grown in
-        4,096-position steps, equal to :func:`~kvrecall.models.rope_tables` (computing them per step cost more
-        than the attention it served: 7 ms for 15K rows on one core)."""
+        """RoPE ``cos, sin [*positions.shape, D]`` of integer ``positions``: rows of the model's
+        :func:`~kvrecall.models.shared_rope_table` (``rope_table_bytes`` in :meth:`stats`), equal to
+        :func:`~kvrecall.models.rope_tables` (computing them per step cost more than the attention it served:
+        7 ms for 15K rows on one core)."""
         flat = positions.reshape(-1).long()
         need = int(flat.max()) + 1 if flat.numel() else 0
-        key = (tuple(self.inv_freq.tolist()), float(self.rope_scaling), str(flat.device))
-        table = _ROPE_TABLES.get(key)
-        if table is None or table[0].shape[0] < need:
-            n = max(_ROPE_STEP, -(-need // _ROPE_STEP) * _ROPE_STEP)
-            table = rope_tables(self.inv_freq.to(flat.device), torch.arange(n, device=flat.device), self.rope_scaling)
-            _ROPE_TABLES[key] = table
-        self._rope_key = key
+        table = shared_rope_table(self.inv_freq.to(flat.device), self.rope_scaling, need)
         cos, sin = table[0].index_select(0, flat), table[1].index_select(0, flat)
         return cos.reshape(*positions.shape, -1), sin.reshape(*positions.shape, -1)
 
@@ -623,7 +621,7 @@ class RetrievalCache(_RefusesReshaping, Cache):
         return {
             "resident_bytes": sum(layer.resident_bytes() for layer in layers),
             "codebook_bytes": self.scorer.codebook_bytes,
-            "rope_table_bytes": sum(t.numel() * t.element_size() for t in _ROPE_TABLES.get(self._rope_key, ())),
+            "rope_table_bytes": shared_rope_table_bytes(self.inv_freq.to(self.index_device), self.rope_scaling),
             "offloaded_bytes": sum(layer.store.nbytes for layer in layers),
             "dense_fp16_bytes": dense,
             "tokens": tokens,

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from kvrecall.models import apply_rope, rope_tables
+from kvrecall.models import apply_rope, rope_tables, shared_rope_table
 from kvrecall.retriever.code_buffer import CodeBuffer
 from kvrecall.retriever.errors import RetrieverError
 from kvrecall.retriever.profile import RetrieverProfile
@@ -85,7 +85,6 @@ class CodeScorer:
             self._decoded = torch.einsum("lhkd,lhed->lhke", self._codebooks[:, :, 0], self._query_t).contiguous()
         else:
             self._decoded = None
-        self._tables: tuple[int, torch.Tensor, torch.Tensor] | None = None  # RoPE cos/sin from a start position
 
     @property
     def codebook_bytes(self) -> int:
@@ -211,15 +210,10 @@ class CodeScorer:
 
     # ------------------------------------------------------------------ fast path
     def _key_tables(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE ``cos, sin [end - start, D]`` of positions ``start .. end-1``, sliced from a table shared by all
-        layers and rebuilt only when the near range leaves it (every ``near`` steps of decoding)."""
-        c = self._tables
-        if c is None or start < c[0] or end > c[0] + c[1].shape[0]:
-            span = end - start + self.near
-            cos, sin = rope_tables(self.inv_freq, torch.arange(start, start + span, device=self.device), self.scaling)
-            self._tables = c = (start, cos, sin)
-        a, b = start - c[0], end - c[0]
-        return c[1][a:b], c[2][a:b]
+        """RoPE ``cos, sin [end - start, D]`` of positions ``start .. end-1``, sliced from the model's
+        :func:`~kvrecall.models.shared_rope_table`."""
+        cos, sin = shared_rope_table(self.inv_freq, self.scaling, end)
+        return cos[start:end], sin[start:end]
 
     def scores(self, layer: int, q: torch.Tensor, codes: torch.Tensor, lo: int, hi: int, pos: int) -> torch.Tensor:
         """Approximate scores of tokens ``lo .. hi-1`` for pre-RoPE queries at position ``pos``.
