@@ -90,7 +90,8 @@ def greedy(model, cache, prompt: torch.Tensor, n: int) -> tuple[torch.Tensor, fl
 
 
 def mass_probe(store: dict):
-    """Probe recording the attention mass of each step's selection and of the oracle's at the same budget."""
+    """Probe recording the attention mass of the rows each step attends (after any rerank; every query head
+    attends its group's union) and of the oracle's top-k union at the same budget."""
     from kvrecall.retrieval_baselines import true_scores
     from kvrecall.retriever.fast_scoring import topk_union
 
@@ -99,12 +100,9 @@ def mass_probe(store: dict):
             return
         o = layer.owner
         scores = true_scores(layer, q_pre, 0, n_off, pos)  # stored tokens
-        win = layer.win_k  # pre-RoPE window incl. the current token
+        wk = layer.win_k.float()  # post-RoPE window incl. the current token
         from kvrecall.models import apply_rope, rope_tables
 
-        total = layer.length + 1
-        cos, sin = rope_tables(o.inv_freq, torch.arange(total - win.shape[2], total) + o.offset, o.rope_scaling)
-        wk = apply_rope(win.float(), cos, sin)
         cq, sq = rope_tables(o.inv_freq, torch.tensor([pos]), o.rope_scaling)
         q = apply_rope(q_pre.float()[:, :, None], cq, sq)[:, :, 0]
         b, hq, d = q.shape
@@ -138,12 +136,14 @@ def kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> float:
 def scoring_rows(profile, contexts, budget, reps, threads, rerank=1.0, rerank_floor=0):
     """Score + select time per layer per decode step (one layer, batch 1) for each scorer, ``threads`` threads.
 
-    Each scorer is timed twice side by side on the same codes and queries: ``fast`` (``CodeScorer.scores`` +
-    ``topk_union``, the runtime's path) and ``reference`` (``scores_reference`` + ``topk_union_reference``, the
-    per-band, per-head, per-row twin). The codes sit in a ``CodeBuffer`` as in the runtime (packed for 9-12
-    bits); selection picks the runtime's candidate count ``max(ceil(rerank * k), rerank_floor)`` (the exact
-    rescoring of the candidates is in the runtime's per-step breakdown, not here). The query moves one
-    position per repetition, as in decoding.
+    Each scorer is timed three ways side by side on the same codes and queries: ``shortlist``
+    (``CodeScorer.candidates``, the runtime's path: exact per-head top-k below 4,096 or 8x the candidates, a
+    sampled threshold per head and one boolean LUT lookup per KV head above; one call, so only its total is
+    reported), ``fast`` (``CodeScorer.scores`` + ``topk_union``: every head's exact top-k) and ``reference``
+    (``scores_reference`` + ``topk_union_reference``, the per-band, per-head, per-row twin). The codes sit in a
+    ``CodeBuffer`` as in the runtime (packed for 9-12 bits); selection picks the runtime's candidate count
+    ``max(ceil(rerank * k), rerank_floor)`` (the exact rescoring of the candidates is in the runtime's per-step
+    breakdown, not here). The query moves one position per repetition, as in decoding.
     """
     from kvrecall.retrieval_cache import rerank_candidates
     from kvrecall.retriever.code_buffer import CodeBuffer
@@ -164,24 +164,29 @@ def scoring_rows(profile, contexts, budget, reps, threads, rerank=1.0, rerank_fl
                 k = resolve_budget(budget, T)
                 if rerank > 1.0:
                     k = rerank_candidates(k, rerank, rerank_floor, T - 8)
-                for impl in ("fast", "reference"):
+                for impl in ("shortlist", "fast", "reference"):
                     scorer = CodeScorer(profile, method)
                     score_fn = scorer.scores if impl == "fast" else scorer.scores_reference
                     select_fn = topk_union if impl == "fast" else topk_union_reference
                     times = {"score": [], "select": []}
                     for rep in range(reps + 1):
                         t0 = time.perf_counter()
-                        sc = score_fn(0, qs[rep], codes, 8, T, T + 63 + rep)
-                        t1 = time.perf_counter()
-                        select_fn(sc, s.group_size, k, offset=8)
-                        t2 = time.perf_counter()
+                        if impl == "shortlist":
+                            scorer.candidates(0, qs[rep], codes, 8, T, T + 63 + rep, k)
+                            t1 = t2 = time.perf_counter()
+                        else:
+                            sc = score_fn(0, qs[rep], codes, 8, T, T + 63 + rep)
+                            t1 = time.perf_counter()
+                            select_fn(sc, s.group_size, k, offset=8)
+                            t2 = time.perf_counter()
                         times["score"].append(t1 - t0)
                         times["select"].append(t2 - t1)
                     score = 1e3 * statistics.median(times["score"][1:])
                     select = 1e3 * statistics.median(times["select"][1:])
+                    split = impl != "shortlist"
                     rows.append({"scorer": method, "impl": impl, "context": T, "budget": budget, "threads": threads,
-                                 "candidates": k,
-                                 "score_ms": score, "select_ms": select, "score_select_ms": score + select})
+                                 "candidates": k, "score_ms": score if split else None,
+                                 "select_ms": select if split else None, "score_select_ms": score + select})
     finally:
         torch.set_num_threads(old)
     for r in rows:
@@ -195,8 +200,10 @@ def print_scoring(rows) -> None:
     print(f"{'scorer':10s} {'impl':9s} {'ctx':>6s} {'cands':>6s} {'score':>7s} {'select':>7s} {'total':>7s} "
           f"{'x ref':>6s}  ms per layer per step, 1 thread (medians)")
     for r in rows:
-        print(f"{r['scorer']:10s} {r['impl']:9s} {r['context']:6d} {r['candidates']:6d} {r['score_ms']:7.2f} "
-              f"{r['select_ms']:7.2f} {r['score_select_ms']:7.2f} {r['speedup_vs_reference']:6.1f}")
+        split = "-" if r["score_ms"] is None else None
+        print(f"{r['scorer']:10s} {r['impl']:9s} {r['context']:6d} {r['candidates']:6d} "
+              f"{split or format(r['score_ms'], '7.2f'):>7s} {split or format(r['select_ms'], '7.2f'):>7s} "
+              f"{r['score_select_ms']:7.2f} {r['speedup_vs_reference']:6.1f}")
 
 
 def recall_rows(model, profile, args, T: int, eval_ids: torch.Tensor, positions: int = 8) -> list[dict]:

@@ -39,12 +39,12 @@ from collections import defaultdict
 import torch
 
 from kvrecall import defaults
-from kvrecall.models import (apply_rope, model_info, rope_parameters, rope_tables, shared_rope_table,
+from kvrecall.models import (apply_rope, model_info, rope_parameters, shared_rope_table,
                              shared_rope_table_bytes, undo_rope)
 from kvrecall.retrieval_store import OFFLOAD_FORMS, OffloadStore, RetrievalError, resident_row_dtype
 from kvrecall.retriever.code_buffer import CodeBuffer
 from kvrecall.retriever.codebooks import code_dtype, encode
-from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, padded_selection, topk_union
+from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, padded_selection
 from kvrecall.retriever.profile import RetrieverProfile
 from kvrecall.retriever.selection import resolve_budget
 
@@ -206,53 +206,47 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         rows = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
         return self.codes.nbytes + rows
 
-    def _offload(self, keys_pre: torch.Tensor, values: torch.Tensor) -> None:
-        """Code and store rows ``[B, Hkv, n, D]`` at the next store indices; keep the first ones as sinks."""
+    def _offload(self, keys: torch.Tensor, values: torch.Tensor, keys_pre: torch.Tensor | None = None) -> None:
+        """Code and store rows ``[B, Hkv, n, D]`` (keys post-RoPE) at the next store indices; keep the first
+        ones as sinks. The codes are of the pre-RoPE keys: ``keys_pre`` when given, else undone from ``keys``."""
         o = self.owner
-        n = keys_pre.shape[2]
+        n = keys.shape[2]
         if n == 0:
             return
         t0 = time.perf_counter()
         start = self.n_off
+        if keys_pre is None:
+            keys_pre = o.unrotate(keys, torch.arange(o.offset + start, o.offset + start + n, device=keys.device))
         take = max(0, min(n, o.sinks - start))
         if take:
-            self.sink_k = torch.cat([self.sink_k, keys_pre[:, :, :take].to(self.row_dtype)], dim=2)
+            self.sink_k = torch.cat([self.sink_k, keys[:, :, :take].to(self.row_dtype)], dim=2)
             self.sink_v = torch.cat([self.sink_v, values[:, :, :take].to(self.row_dtype)], dim=2)
-        self.store.append(keys_pre, values)
+        self.store.append(keys, values)
         self.codes.append(o.encode_keys(self.layer_idx, keys_pre))  # [B, Hkv, n, m]
         o._time("offload", t0)
+
+    def _slide_window(self) -> None:
+        """Move the rows beyond the last ``window`` tokens from the window to the store (and the index)."""
+        extra = self.win_k.shape[2] - self.owner.window
+        if extra > 0:
+            self._offload(self.win_k[:, :, :extra], self.win_v[:, :, :extra])
+            self.win_k, self.win_v = self.win_k[:, :, extra:].contiguous(), self.win_v[:, :, extra:].contiguous()
 
     # ---- attention
     def attend(self, query, key, value, attention_mask, scale: float) -> torch.Tensor:
         """Attention for the ``Q`` new tokens whose post-RoPE ``key/value [B, Hkv, Q, D]`` just arrived."""
-        o = self.owner
         q_len = query.shape[2]
         if self.layer_idx == 0:
             _check_no_padding(attention_mask)
-        start = self.length  # token index of the first new token
-        positions = torch.arange(o.offset + start, o.offset + start + q_len, device=key.device)
-        cos, sin = rope_tables(o.inv_freq.to(key.device), positions, o.rope_scaling)
-        key_pre = undo_rope(key, cos.to(key.dtype), sin.to(key.dtype))
-        if o.rope_scaling != 1.0:
-            key_pre = key_pre / o.rope_scaling
-        if q_len > 1 or start == 0:
-            out = self._prefill(query, key, value, key_pre, scale)
+        if q_len > 1 or self.length == 0:
+            out = self._prefill(query, key, value, scale)
         else:
-            out = self._decode(query, key_pre, value, scale, int(positions[0]))
+            out = self._decode(query, key, value, scale, self.owner.offset + self.length)
         self.length += q_len
-        # the window keeps the last `window` tokens; older ones go to the store
-        extra = self.win_k.shape[2] - o.window
-        if extra > 0:
-            self._offload(self.win_k[:, :, :extra], self.win_v[:, :, :extra])
-            self.win_k, self.win_v = self.win_k[:, :, extra:].contiguous(), self.win_v[:, :, extra:].contiguous()
+        self._slide_window()  # the window keeps the last `window` tokens; older ones go to the store
         return out
 
-    def _rotated(self, keys_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        o = self.owner
-        cos, sin = o.rope_rows(positions)  # [..., D]; [B, Hkv, S, D] for per-row positions
-        return apply_rope(keys_pre, cos.to(keys_pre.dtype), sin.to(keys_pre.dtype))
-
-    def _prefill(self, query, key, value, key_pre, scale: float) -> torch.Tensor:
+    def _prefill(self, query, key, value, scale: float) -> torch.Tensor:
         """Dense causal attention of ``Q`` new queries over all earlier rows + the new ones, in query chunks."""
         o = self.owner
         t0 = time.perf_counter()
@@ -262,8 +256,7 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
             sk, sv = self.store.all_rows(key.device)
             k_past = torch.cat([sk, self.win_k.to(sk.dtype)], dim=2)
             v_past = torch.cat([sv, self.win_v.to(sv.dtype)], dim=2)
-            k_past = self._rotated(k_past, torch.arange(o.offset, o.offset + past, device=key.device))
-            keys, values = torch.cat([k_past, key], dim=2), torch.cat([v_past, value], dim=2)
+            keys, values = torch.cat([k_past.to(key.dtype), key], dim=2), torch.cat([v_past.to(value.dtype), value], dim=2)
         else:
             keys, values = key, value
         outs = []
@@ -277,143 +270,111 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
             v_ = values[:, :, :kv_end].repeat_interleave(group, dim=1)
             outs.append(torch.nn.functional.scaled_dot_product_attention(
                 query[:, :, s:e], k_, v_, attn_mask=mask, scale=scale))
-        self.win_k = torch.cat([self.win_k, key_pre.to(self.row_dtype)], dim=2)
+        self.win_k = torch.cat([self.win_k, key.to(self.row_dtype)], dim=2)
         self.win_v = torch.cat([self.win_v, value.to(self.row_dtype)], dim=2)
         o._time("prefill", t0)
         return torch.cat(outs, dim=2)
 
-    def _decode(self, query, key_pre, value, scale: float, pos: int) -> torch.Tensor:
-        """One decode step: score codes, select, gather, attend over sinks + selected + window."""
+    def _decode(self, query, key, value, scale: float, pos: int) -> torch.Tensor:
+        """One decode step: shortlist from codes, exact scores of the shortlist, attend over sinks + kept + window.
+
+        Stages (``stats()["timings_ms"]``): ``score`` codes -> candidate rows; ``gather`` their keys fetched
+        from the store and scored exactly (``OffloadStore.dot``); ``select`` each query head's top-k of those
+        scores, unioned per GQA group (rerank only); ``attend`` softmax over sinks + kept + window and the kept
+        rows' values (``OffloadStore.mix``)."""
         o = self.owner
         b, hq, _, d = query.shape
+        hkv, g = o.info.num_kv_heads, o.info.group_size
+        dev = query.device
         # the new token enters the window; the one leaving it goes to the store (and the index) first
-        self.win_k = torch.cat([self.win_k, key_pre.to(self.row_dtype)], dim=2)
+        self.win_k = torch.cat([self.win_k, key.to(self.row_dtype)], dim=2)
         self.win_v = torch.cat([self.win_v, value.to(self.row_dtype)], dim=2)
-        extra = self.win_k.shape[2] - o.window
-        if extra > 0:
-            self._offload(self.win_k[:, :, :extra], self.win_v[:, :, :extra])
-            self.win_k, self.win_v = self.win_k[:, :, extra:].contiguous(), self.win_v[:, :, extra:].contiguous()
+        self._slide_window()
         n_off = self.n_off
         lo = min(o.sinks, n_off)
         total = self.length + 1
         k = resolve_budget(o.budget, total)
-        # ---- score (codes only) and select
+        # ---- score (codes only): candidate rows
         t0 = time.perf_counter()
-        cos, sin = rope_tables(o.inv_freq.to(query.device), torch.tensor([pos], device=query.device), o.rope_scaling)
-        q_pre = undo_rope(query[:, :, 0], cos.to(query.dtype), sin.to(query.dtype)).float()
-        if o.rope_scaling != 1.0:
-            q_pre = q_pre / o.rope_scaling
+        q_post = query[:, :, 0].float()  # [B, Hq, D], rotated at pos by the model
+        q_pre = o.unrotate(q_post, torch.tensor([pos], device=dev)).float()
         rerank = o.rerank > 1.0 and o.selector is None and k < n_off - lo
         k_pick = rerank_candidates(k, o.rerank, o.rerank_floor, n_off - lo) if rerank else k
-        chosen = self._choose(q_pre.to(o.index_device), lo, n_off, k_pick, pos)
+        idx, valid = self._candidates(q_pre.to(o.index_device), lo, n_off, k_pick, pos)
+        idx, valid = idx.to("cpu"), valid.to(dev)
         t1 = time.perf_counter()
         o.timings["score"] += t1 - t0
-        if o.probe is not None:  # measurement hook (bench): sees the step's query and selection
-            o.probe(self, q_pre, chosen, lo, n_off, k, pos)
-            t1 = time.perf_counter()
-        # ---- gather only the selected rows
-        idx, valid = padded_selection(chosen)
-        s_max = idx.shape[2]
+        self.last_gathered = idx.shape[2]
+        qg = q_post.reshape(b, hkv, g, d)
+        # ---- gather: the candidates' keys, scored exactly
+        logits = self.store.dot(idx, qg).mul_(scale).masked_fill_(~valid[:, :, None, :], float("-inf"))
         t2 = time.perf_counter()
-        o.timings["select"] += t2 - t1
-        self.last_gathered = s_max
-        if not s_max:
-            sel_k, sel_v = key_pre[:, :, :0], value[:, :, :0]
-        elif rerank:  # the candidates' keys, then the values of the rows their exact scores keep
-            cand_k = self.store.gather_part("k", idx, query.device)
-            t3 = time.perf_counter()
-            idx, valid, sel_k = self._rerank(query, idx, valid, cand_k, k, scale)
-            t4 = time.perf_counter()
-            sel_v = self.store.gather_part("v", idx, query.device)
-            o.timings["select"] += t4 - t3
-            t2 += t4 - t3  # gather time = keys + values
-        else:
-            sel_k, sel_v = self.store.gather(idx, query.device)
+        o.timings["gather"] += t2 - t1
+        if rerank:  # ---- select: each head's exact top-k of the candidates, unioned per group
+            top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [B, Hkv, g, k]
+            keep = torch.zeros(b, hkv, logits.shape[-1], dtype=torch.bool, device=dev)
+            keep.scatter_(2, top.reshape(b, hkv, -1), True)
+            keep &= valid
+            s_new = int(keep.sum(-1).max())
+            order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :, :s_new]  # kept first, in order
+            idx, valid = idx.gather(2, order.cpu()), keep.gather(2, order)
+            logits = logits.gather(3, order[:, :, None, :].expand(b, hkv, g, s_new))
+            o.timings["select"] += time.perf_counter() - t2
         t3 = time.perf_counter()
-        o.timings["gather"] += t3 - t2
-        # ---- attend over sinks + selected + window
+        if o.probe is not None:  # measurement hook (bench): sees the step's query and the rows it attends
+            chosen = [[idx[bi, h][valid[bi, h].cpu()] for h in range(hkv)] for bi in range(b)]
+            o.probe(self, q_pre, chosen, lo, n_off, k, pos)
+            t3 = time.perf_counter()
+        # ---- attend over sinks + kept + window
         n_sink, n_win = self.sink_k.shape[2], self.win_k.shape[2]
-        dev = query.device
-        pos_sel = idx.to(dev) + o.offset
-        pos_sink = torch.arange(n_sink, device=dev).expand(b, o.info.num_kv_heads, n_sink) + o.offset
-        pos_win = torch.arange(total - n_win, total, device=dev).expand(b, o.info.num_kv_heads, n_win) + o.offset
-        keys = torch.cat([self.sink_k.to(sel_k.dtype), sel_k, self.win_k.to(sel_k.dtype)], dim=2)
-        values = torch.cat([self.sink_v.to(sel_v.dtype), sel_v, self.win_v.to(sel_v.dtype)], dim=2)
-        positions = torch.cat([pos_sink, pos_sel, pos_win], dim=2)
-        live = torch.cat([torch.ones(b, o.info.num_kv_heads, n_sink, dtype=torch.bool), valid,
-                          torch.ones(b, o.info.num_kv_heads, n_win, dtype=torch.bool)], dim=2).to(dev)
-        self.last_attended = keys.shape[2]
-        o.selected_sum += float(live.sum()) / (b * o.info.num_kv_heads)
+        self.last_attended = n_sink + idx.shape[2] + n_win
+        o.selected_sum += (n_sink + n_win) + float(valid.sum()) / (b * hkv)
         o.selected_steps += 1
         if o.backend == "triton":
-            out = self._attend_triton(query, keys, values, positions, live, scale)
+            out = self._attend_triton(query, idx, valid, scale)
         else:
-            out = self._attend_torch(query, keys, values, positions, live, scale)
+            res_k = torch.cat([self.sink_k, self.win_k], dim=2).float()
+            res_v = torch.cat([self.sink_v, self.win_v], dim=2).float()
+            res_logits = torch.matmul(qg, res_k.transpose(2, 3)) * scale  # [B, Hkv, g, sinks + window]
+            w = torch.softmax(torch.cat([res_logits, logits], dim=-1), dim=-1)
+            r = res_k.shape[2]
+            out = torch.matmul(w[..., :r], res_v)
+            if idx.shape[2]:
+                out = out + self.store.mix(idx, w[..., r:].contiguous())
+            out = out.reshape(b, hq, 1, d).to(query.dtype)
         o.timings["attend"] += time.perf_counter() - t3
         return out
 
-    def _rerank(self, query, idx, valid, sel_k, k: int, scale: float):
-        """Exact scores of the candidates ``idx [B, Hkv, C]`` from their gathered keys ``sel_k``; keep each query
-        head's top-``k`` (unioned per GQA group): ``idx, valid [B, Hkv, S]`` (CPU) and their keys, ``S <= C``."""
+    def _candidates(self, q_pre: torch.Tensor, lo: int, n_off: int, k: int, pos: int):
+        """Rows to fetch: ``idx, valid [B, Hkv, S]`` (token indices, ascending; padding invalid)."""
         o = self.owner
-        b, hkv, c = idx.shape
-        d = query.shape[3]
-        dev = query.device
-        live = valid.to(dev)
-        logits = self._logits(query, sel_k, idx.to(dev) + o.offset, live, scale)  # [B, Hkv, g, C]
-        top = logits.topk(min(k, c), dim=-1).indices  # [B, Hkv, g, k]
-        keep = torch.zeros(b, hkv, c, dtype=torch.bool, device=dev)
-        keep.scatter_(2, top.reshape(b, hkv, -1), True)
-        keep &= live
-        s_new = int(keep.sum(-1).max())
-        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :, :s_new]  # kept first, in order
-        rows = order[..., None].expand(b, hkv, s_new, d)
-        return idx.gather(2, order.cpu()), keep.gather(2, order).cpu(), sel_k.gather(2, rows)
-
-    def _choose(self, q_pre: torch.Tensor, lo: int, n_off: int, k: int, pos: int) -> list[list[torch.Tensor]]:
-        o = self.owner
+        b, hkv = q_pre.shape[0], o.info.num_kv_heads
         if n_off <= lo or k <= 0:
-            empty = torch.empty(0, dtype=torch.int64)
-            return [[empty] * o.info.num_kv_heads for _ in range(q_pre.shape[0])]
+            return torch.zeros(b, hkv, 0, dtype=torch.int64), torch.zeros(b, hkv, 0, dtype=torch.bool)
         if o.selector is not None:  # a baseline selection method in the same runtime
-            return o.selector(self, q_pre, lo, n_off, k, pos)
-        if k >= n_off - lo:  # the budget covers every stored token
-            every = torch.arange(lo, n_off)
-            return [[every] * o.info.num_kv_heads for _ in range(q_pre.shape[0])]
-        scores = o.scorer.scores(self.layer_idx, q_pre, self.codes, lo, n_off, pos)
-        return topk_union(scores, o.info.group_size, k, offset=lo)
+            return padded_selection(o.selector(self, q_pre, lo, n_off, k, pos))
+        return o.scorer.candidates(self.layer_idx, q_pre, self.codes, lo, n_off, pos, k)
 
-    def _logits(self, query, keys_pre, positions, live, scale) -> torch.Tensor:
-        """Scaled scores ``[B, Hkv, g, S]`` of the step's query against pre-RoPE keys ``[B, Hkv, S, D]`` rotated at
-        ``positions [B, Hkv, S]``; rows where ``live`` is False get ``-inf``."""
-        keys = self._rotated(keys_pre, positions)
-        b, hq, _, d = query.shape
-        hkv = keys.shape[1]
-        q = query[:, :, 0].reshape(b, hkv, hq // hkv, d).float()
-        logits = torch.matmul(q, keys.float().transpose(2, 3)) * scale
-        return logits.masked_fill(~live[:, :, None, :], float("-inf"))
-
-    def _attend_torch(self, query, keys_pre, values, positions, live, scale):
-        b, hq, _, d = query.shape
-        w = torch.softmax(self._logits(query, keys_pre, positions, live, scale), dim=-1)
-        out = torch.matmul(w, values.float())  # [B, Hkv, g, D]
-        return out.reshape(b, hq, 1, d).to(query.dtype)
-
-    def _attend_triton(self, query, keys_pre, values, positions, live, scale):
-        from kvrecall.kernels.rope import RopeSpec
+    def _attend_triton(self, query, idx, valid, scale):
+        """The kept rows fetched to the device and attended with sinks and window by the sparse kernel."""
         from kvrecall.kernels.sparse_attention import sparse_decode_attention
 
         o = self.owner
-        b, hkv, s, d = keys_pre.shape
-        # gathered mode: row r holds token indices[b, h, r]; live rows first (positions ascend within each part)
+        b, hkv = idx.shape[:2]
+        sel_k, sel_v = self.store.gather(idx, query.device)
+        keys = torch.cat([self.sink_k.to(sel_k.dtype), sel_k, self.win_k.to(sel_k.dtype)], dim=2)
+        values = torch.cat([self.sink_v.to(sel_v.dtype), sel_v, self.win_v.to(sel_v.dtype)], dim=2)
+        n_sink, n_win = self.sink_k.shape[2], self.win_k.shape[2]
+        ones = torch.ones(b, hkv, n_sink, dtype=torch.bool, device=valid.device)
+        live = torch.cat([ones, valid, ones[:, :, :0].new_ones(b, hkv, n_win)], dim=2)
+        # gathered mode: row r holds a selected token; live rows first (their order does not matter: no RoPE)
         order = torch.argsort((~live).to(torch.int8), dim=-1, stable=True)
-        idx = torch.gather(positions, 2, order)
-        kk = torch.gather(keys_pre, 2, order[..., None].expand(b, hkv, s, d)).contiguous()
-        vv = torch.gather(values, 2, order[..., None].expand(b, hkv, s, d)).contiguous()
-        counts = live.sum(-1)
-        rope = RopeSpec.from_inv_freq(o.inv_freq.to(query.device), o.rope_scaling)
-        out = sparse_decode_attention(query[:, :, 0].contiguous(), kk, vv, idx, counts, rope=rope, sm_scale=scale,
-                                      gathered=True, validate=False)
+        s = keys.shape[2]
+        kk = torch.gather(keys, 2, order[..., None].expand(b, hkv, s, keys.shape[3])).contiguous()
+        vv = torch.gather(values, 2, order[..., None].expand(b, hkv, s, values.shape[3])).contiguous()
+        rows = torch.arange(s, device=query.device).expand(b, hkv, s).contiguous()
+        out = sparse_decode_attention(query[:, :, 0].contiguous(), kk, vv, rows, live.sum(-1), rope=None,
+                                      sm_scale=scale, gathered=True, validate=False)
         return out[:, :, None, :]
 
 
@@ -550,12 +511,14 @@ class RetrievalCache(_RefusesReshaping, Cache):
             raise RetrievalError(f"last_position {last} is before the end of {t} tokens starting at position 0")
         cache.offset = last - (t - 1)
         param = next(model.parameters())
+        positions = torch.arange(cache.offset, cache.offset + t, device=param.device)
         for i, layer in enumerate(cache.layers):
-            k = kv[i, 0].unsqueeze(0).to(param.device, param.dtype)
+            k_pre = kv[i, 0].unsqueeze(0).to(param.device, param.dtype)
             v = kv[i, 1].unsqueeze(0).to(param.device, param.dtype)
+            k = cache.rotate(k_pre, positions)
             layer.lazy_initialization(k[:, :, :0], v[:, :, :0])
             keep = min(cache.window, t)
-            layer._offload(k[:, :, : t - keep], v[:, :, : t - keep])
+            layer._offload(k[:, :, : t - keep], v[:, :, : t - keep], keys_pre=k_pre[:, :, : t - keep])
             layer.win_k = k[:, :, t - keep :].to(layer.row_dtype).contiguous()
             layer.win_v = v[:, :, t - keep :].to(layer.row_dtype).contiguous()
             layer.length = t
@@ -572,6 +535,19 @@ class RetrievalCache(_RefusesReshaping, Cache):
         table = shared_rope_table(self.inv_freq.to(flat.device), self.rope_scaling, need)
         cos, sin = table[0].index_select(0, flat), table[1].index_select(0, flat)
         return cos.reshape(*positions.shape, -1), sin.reshape(*positions.shape, -1)
+
+    def rotate(self, keys_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE rows ``[..., n, D]`` rotated at ``positions [n]`` as the model rotates its keys (tables
+        include the rotary embedding's ``attention_scaling``), in the rows' dtype."""
+        cos, sin = self.rope_rows(positions)
+        return apply_rope(keys_pre, cos.to(keys_pre.dtype), sin.to(keys_pre.dtype))
+
+    def unrotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`rotate`: post-RoPE rows ``[..., n, D]`` at ``positions [n]`` -> pre-RoPE rows
+        (the scaled tables rotate and scale by ``s``, so undoing them scales by ``s`` again: divide by ``s**2``)."""
+        cos, sin = self.rope_rows(positions)
+        pre = undo_rope(keys, cos.to(keys.dtype), sin.to(keys.dtype))
+        return pre / self.rope_scaling ** 2 if self.rope_scaling != 1.0 else pre
 
     def encode_keys(self, layer: int, keys_pre: torch.Tensor) -> torch.Tensor:
         """Codes ``[B, Hkv, n, m]`` of pre-RoPE keys ``[B, Hkv, n, D]`` (query-aware transform, nearest centroid)."""

@@ -73,14 +73,17 @@ def test_tokens_leaving_the_window_reach_store_and_index(stories_setup):
         n_off = layer.store.length
         assert n_off == layer.length - 16 == out.shape[1] - 1 - 16 > ids.shape[1]
         idx = torch.arange(n_off).expand(1, kv.shape[2], n_off)
-        k, v = layer.store.gather(idx)
-        torch.testing.assert_close(k[0], kv[i, 0, :, :n_off], rtol=1e-4, atol=1e-4)
+        k, v = layer.store.gather(idx)  # keys post-RoPE, rotated at their positions when stored
+        post = cache.rotate(kv[i, 0], torch.arange(kv.shape[3]))
+        torch.testing.assert_close(k[0], post[:, :n_off], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cache.unrotate(k[0], torch.arange(n_off)), kv[i, 0, :, :n_off],
+                                   rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(v[0], kv[i, 1, :, :n_off], rtol=1e-4, atol=1e-4)
         kt = torch.einsum("htd,hde->hte", kv[i, 0, :, :n_off], prof.key_transform[i])
         want = torch.stack([encode(kt[h], prof.codebooks[i, h]) for h in range(kt.shape[0])])
         agree = (layer.codes.range(0, n_off)[0] == want).float().mean()
         assert agree > 0.98  # nearest centroid of keys equal up to float rounding
-        torch.testing.assert_close(layer.win_k[0], kv[i, 0, :, n_off:], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layer.win_k[0], post[:, n_off:], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("form,row_bytes", [("exact", 4 * 8), ("float16", 2 * 8), ("int8", 8 + 4), ("int4", 4 + 4)])
@@ -261,3 +264,21 @@ def test_rope_rows_equal_rope_tables_and_are_shared(stories_setup):
     assert torch.equal(cos.reshape(-1, cos.shape[-1]), want_cos) and torch.equal(sin.reshape(-1, sin.shape[-1]), want_sin)
     b.rope_rows(torch.tensor([5]))
     assert b.stats()["rope_table_bytes"] == a.stats()["rope_table_bytes"] >= 2 * 9000 * cos.shape[-1] * 4
+
+
+@pytest.mark.parametrize("form", ["exact", "float16", "int8", "int4"])
+def test_store_dot_and_mix_equal_gather_then_compute(form):
+    """OffloadStore.dot / mix (scores and weighted values without a dequantized copy) equal computing them on
+    the gathered rows."""
+    from kvrecall.retrieval_store import OffloadStore
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    store = OffloadStore(2, 3, 16, form, torch.float32, pin=False)
+    for n in (100, 1, 333):  # appends grow the buffers
+        store.append(torch.randn(2, 3, n, 16, generator=gen), torch.randn(2, 3, n, 16, generator=gen))
+    idx = torch.randint(0, store.length, (2, 3, 57), generator=gen)
+    q = torch.randn(2, 3, 4, 16, generator=gen)
+    w = torch.softmax(torch.randn(2, 3, 4, 57, generator=gen), -1)
+    k, v = store.gather(idx)
+    torch.testing.assert_close(store.dot(idx, q), torch.matmul(q, k.transpose(2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(store.mix(idx, w), torch.matmul(w, v), rtol=1e-4, atol=1e-4)

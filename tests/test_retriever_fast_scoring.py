@@ -208,3 +208,63 @@ def test_scores_of_a_packed_code_buffer_equal_those_of_the_tensor(method):
     torch.testing.assert_close(scorer.scores(1, q, buf, 5, 3001, 3050), scorer.scores(1, q, codes, 5, 3001, 3050))
     torch.testing.assert_close(scorer.scores_reference(0, q, buf, 5, 3001, 3050),
                                scorer.scores_reference(0, q, codes, 5, 3001, 3050))
+
+
+def _union_sets(chosen):
+    return [[set(h.tolist()) for h in row] for row in chosen]
+
+
+@pytest.mark.parametrize("method", SCORERS)
+def test_candidates_of_a_short_range_are_the_exact_topk_union(method):
+    """Below max(4096, 8 * count) tokens the shortlist is each head's exact top-count, unioned per group."""
+    prof = _random_profile(bits=8, seed=7)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    scorer = CodeScorer(prof, method, near=64, band_ratio=2.0)
+    codes = torch.randint(0, 256, (2, 2, 3000, 1), generator=gen)
+    q = torch.randn(2, 6, 16, generator=gen)
+    idx, valid = scorer.candidates(1, q, codes, 5, 3000, 3010, 200)
+    want = topk_union(scorer.scores(1, q, codes, 5, 3000, 3010), 3, 200, offset=5)
+    for b in range(2):
+        for h in range(2):
+            assert torch.equal(idx[b, h][valid[b, h]], want[b][h])
+            assert (idx[b, h][~valid[b, h]] == 5).all()
+
+
+@pytest.mark.parametrize("method", ["banded", "windowed"])
+def test_candidates_of_a_long_range_threshold_each_head_on_a_strided_sample(method):
+    """Above the limit: a token is a candidate exactly when some head of its group scores it at or above that
+    head's threshold, the ceil(count / 8)-th best score of every 8th token; each head keeps about ``count``."""
+    from kvrecall.retriever.fast_scoring import SAMPLE_STRIDE
+
+    prof = _random_profile(bits=10, seed=11)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    scorer = CodeScorer(prof, method, near=500, band_ratio=1.8)
+    n_tok, lo, count = 24000, 3, 900
+    codes = torch.randint(0, 1 << 10, (1, 2, n_tok, 1), generator=gen)
+    q = torch.randn(1, 6, 16, generator=gen)
+    idx, valid = scorer.candidates(0, q, codes, lo, n_tok, n_tok + 1, count)
+    scores = scorer.scores(0, q, codes, lo, n_tok, n_tok + 1).reshape(1, 2, 3, -1)
+    rank = -(-count // SAMPLE_STRIDE)
+    thr = scores[..., ::SAMPLE_STRIDE].topk(rank, dim=-1).values[..., -1:]
+    kept = scores >= thr  # [1, Hkv, g, n]
+    for h in range(2):
+        want = kept[0, h].any(0).nonzero().squeeze(1) + lo
+        assert torch.equal(idx[0, h][valid[0, h]], want)
+        per_head = kept[0, h].sum(-1).float()
+        assert ((per_head - count).abs() < 0.25 * count).all(), per_head
+
+
+def test_compact_mask_lists_each_rows_true_columns_in_order():
+    from kvrecall.retriever.fast_scoring import compact_mask
+
+    mask = torch.rand(2, 3, 500) < torch.rand(2, 3, 1)
+    mask[1, 2] = False  # an empty row
+    idx, valid = compact_mask(mask, offset=7)
+    assert idx.shape == valid.shape == (2, 3, int(mask.sum(-1).max()))
+    for b in range(2):
+        for h in range(3):
+            n = int(mask[b, h].sum())
+            assert torch.equal(idx[b, h, :n], mask[b, h].nonzero().squeeze(1) + 7)
+            assert valid[b, h, :n].all() and not valid[b, h, n:].any() and (idx[b, h, n:] == 7).all()
+    e_idx, e_valid = compact_mask(torch.zeros(1, 2, 9, dtype=torch.bool))
+    assert e_idx.shape == e_valid.shape == (1, 2, 0)
