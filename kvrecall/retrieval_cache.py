@@ -20,13 +20,18 @@ attention is switched (``model.set_attn_implementation``) to ``kvrecall_retrieva
   the earlier rows (from the store) and the new ones, then every token but the last ``window`` is coded and
   moved to the store;
 * **decode** (one query token): the token enters the window, the token leaving it is coded and stored, every
-  stored token is scored from its code only (:class:`~kvrecall.retriever.fast_scoring.CodeScorer`), the top-k per
-  query head are unioned per GQA group, only those rows are gathered from the store, dequantized, rotated at
-  their true positions and attended to together with sinks and window — O(selected), never O(context).
+  stored token is scored from its code only and a shortlist of candidates is taken per query head and unioned
+  per GQA group (:meth:`~kvrecall.retriever.fast_scoring.CodeScorer.candidates`); only those rows are read
+  from the store and scored exactly (``rerank > 1``: each query head keeps its top-k of them), and attention
+  runs over sinks, kept rows and window — O(selected), never O(context).
 
-``backend="triton"`` runs the gathered attention through :func:`kvrecall.kernels.sparse_attention.
-sparse_decode_attention` (``gathered=True``, RoPE in the kernel); ``"torch"`` (the default on CPU) is its
-reference.
+Keys are rotated at their true positions once, when they enter the window (the model's own post-RoPE keys) or
+the store (:meth:`RetrievalCache.from_kv`); codes are of the pre-RoPE keys (the scorer applies RoPE through
+its lookup tables). Exact scores and the weighted sum of values are computed from the stored rows directly
+(:meth:`~kvrecall.retrieval_store.OffloadStore.dot` / ``mix``), and the attention reuses the rerank's scores.
+
+``backend="triton"`` runs the attention over the kept rows through :func:`kvrecall.kernels.sparse_attention.
+sparse_decode_attention` (``gathered=True``); ``"torch"`` (the default on CPU) computes it in torch.
 """
 
 from __future__ import annotations
@@ -134,7 +139,7 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
     """One layer of a :class:`RetrievalCache`: sinks + window + codes resident, other rows in the store.
 
     Token indices ``0 .. length-1`` are positions ``offset .. offset + length - 1``. Rows ``0 .. n_off-1`` are in
-    the store and coded; ``n_off .. length-1`` form the resident window (pre-RoPE keys, values).
+    the store and coded; ``n_off .. length-1`` form the resident window (post-RoPE keys, values).
     """
 
     is_sliding = False
@@ -148,8 +153,8 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         self.length = 0
         self.store: OffloadStore | None = None
         self.codes: CodeBuffer | None = None  # [B, Hkv, n_off, m]
-        self.sink_k = self.sink_v = None  # [B, Hkv, <=sinks, D] pre-RoPE
-        self.win_k = self.win_v = None  # [B, Hkv, w, D] pre-RoPE
+        self.sink_k = self.sink_v = None  # [B, Hkv, <=sinks, D] post-RoPE
+        self.win_k = self.win_v = None  # [B, Hkv, w, D] post-RoPE
         self._last_key = None
         self.last_gathered = 0  # rows gathered from the store at the last decode step (per KV head, max)
         self.last_attended = 0  # rows attended at the last decode step (per KV head, max)
@@ -396,10 +401,12 @@ class RetrievalCache(_RefusesReshaping, Cache):
         16-bit dtype otherwise (float16 for a float32 model; :func:`resident_row_dtype`), upcast to attend.
     scorer : ``"banded"``, ``"positional"`` or ``"windowed"`` (see :mod:`kvrecall.retriever.fast_scoring`).
     near, band_ratio : banded scorer settings.
-    rerank : float >= 1. Above 1, codes pick ``ceil(rerank * k)`` candidates per query head; their rows are
-        gathered and scored exactly (dequantized keys at true positions), and attention runs over each query
-        head's exact top-``k`` among them (unioned per GQA group). Costs ``rerank`` times the gathered rows;
-        1.0 attends the codes' top-``k`` directly. Default ``kvrecall.defaults.RETRIEVAL_RERANK``.
+    rerank : float >= 1. Above 1, codes pick ``ceil(rerank * k)`` candidates per query head (exactly below
+        4,096 or 8x the candidates stored tokens, about that many above: a sampled threshold per head,
+        :meth:`~kvrecall.retriever.fast_scoring.CodeScorer.candidates`); their keys are read and scored
+        exactly, and attention runs over each query head's exact top-``k`` among them (unioned per GQA group).
+        Costs ``rerank`` times the gathered keys; 1.0 attends the codes' shortlist of ``k`` directly. Default
+        ``kvrecall.defaults.RETRIEVAL_RERANK``.
     rerank_floor : int >= 0. With ``rerank > 1`` the codes pick at least this many candidates per query head
         (``max(ceil(rerank * k), rerank_floor)``): at short contexts a budget's ``rerank * k`` is too few to hold
         keys the codes rank badly (docs/retrieval-decoding.md). Default ``kvrecall.defaults.RETRIEVAL_RERANK_FLOOR``.
@@ -587,8 +594,10 @@ class RetrievalCache(_RefusesReshaping, Cache):
         the positions seen, shared by every cache of the model, reported apart),
         ``offloaded_bytes`` (the store), ``dense_fp16_bytes`` (the same tokens as an fp16 KV cache), ``tokens``,
         ``batch``, ``mean_selected`` (rows attended per KV head per decode step, averaged over layers and steps),
-        ``decode_steps`` and ``timings_ms`` (``score``, ``select``, ``gather``, ``attend``, ``offload``,
-        ``prefill`` totals).
+        ``decode_steps`` and ``timings_ms`` totals: ``score`` (codes -> shortlist), ``gather`` (the shortlist's
+        keys read from the store and scored exactly), ``select`` (each head's top-k of those scores, rerank
+        only), ``attend`` (softmax, the kept rows' values), ``offload`` (coding and storing rows leaving the
+        window), ``prefill``.
         """
         layers = [layer for layer in self.layers if layer.is_initialized]
         tokens = layers[0].length if layers else 0

@@ -282,3 +282,20 @@ def test_store_dot_and_mix_equal_gather_then_compute(form):
     k, v = store.gather(idx)
     torch.testing.assert_close(store.dot(idx, q), torch.matmul(q, k.transpose(2, 3)), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(store.mix(idx, w), torch.matmul(w, v), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scaling", [1.0, 1.7])
+def test_unrotate_inverts_rotate_at_any_attention_scaling(stories_setup, scaling):
+    """Stored keys are the model's post-RoPE keys (RoPE tables times attention_scaling); codes need the
+    pre-RoPE ones back: unrotate(rotate(k)) == k, and rotate is the model's own rotation."""
+    from kvrecall.models import apply_rope, rope_tables
+
+    model, _, prof, _, _ = stories_setup
+    cache = RetrievalCache(model, prof, budget=0.1)
+    cache.rope_scaling = scaling  # as a model with a scaled rotary embedding (e.g. YaRN) would report it
+    x = torch.randn(1, 2, 40, model.config.hidden_size // model.config.num_attention_heads)
+    pos = torch.arange(100, 140)
+    cos, sin = rope_tables(cache.inv_freq, pos, scaling)
+    torch.testing.assert_close(cache.rotate(x, pos), apply_rope(x, cos, sin))
+    torch.testing.assert_close(cache.unrotate(cache.rotate(x, pos), pos), x, rtol=1e-5, atol=1e-5)
+    cache.restore_attention()
