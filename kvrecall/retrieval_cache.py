@@ -49,7 +49,7 @@ from kvrecall.models import (apply_rope, model_info, rope_parameters, shared_rop
 from kvrecall.retrieval_store import OFFLOAD_FORMS, OffloadStore, RetrievalError, resident_row_dtype
 from kvrecall.retriever.code_buffer import CodeBuffer
 from kvrecall.retriever.codebooks import code_dtype, encode
-from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, padded_selection
+from kvrecall.retriever.fast_scoring import SCORERS, CodeScorer, compact_mask, padded_selection
 from kvrecall.retriever.profile import RetrieverProfile
 from kvrecall.retriever.selection import resolve_budget
 
@@ -320,10 +320,10 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
             keep = torch.zeros(b, hkv, logits.shape[-1], dtype=torch.bool, device=dev)
             keep.scatter_(2, top.reshape(b, hkv, -1), True)
             keep &= valid
-            s_new = int(keep.sum(-1).max())
-            order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :, :s_new]  # kept first, in order
-            idx, valid = idx.gather(2, order.cpu()), keep.gather(2, order)
-            logits = logits.gather(3, order[:, :, None, :].expand(b, hkv, g, s_new))
+            order, valid = compact_mask(keep)  # [B, Hkv, S'] positions of the kept candidates, in order
+            idx = idx.gather(2, order.cpu())
+            logits = logits.gather(3, order[:, :, None, :].expand(b, hkv, g, order.shape[2]))
+            logits.masked_fill_(~valid[:, :, None, :], float("-inf"))  # padding of heads that kept fewer rows
             o.timings["select"] += time.perf_counter() - t2
         t3 = time.perf_counter()
         if o.probe is not None:  # measurement hook (bench): sees the step's query and the rows it attends
