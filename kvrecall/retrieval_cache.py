@@ -316,7 +316,7 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         t2 = time.perf_counter()
         o.timings["gather"] += t2 - t1
         if rerank:  # ---- select: each head's exact top-k of the candidates, unioned per group
-            top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [B, Hkv, g, k]
+            top = logits.topk(min(k, logits.shape[-1]), dim=-1, sorted=False).indices  # [B, Hkv, g, k]
             keep = torch.zeros(b, hkv, logits.shape[-1], dtype=torch.bool, device=dev)
             keep.scatter_(2, top.reshape(b, hkv, -1), True)
             keep &= valid
