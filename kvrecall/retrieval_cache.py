@@ -364,7 +364,6 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         """The kept rows fetched to the device and attended with sinks and window by the sparse kernel."""
         from kvrecall.kernels.sparse_attention import sparse_decode_attention
 
-        o = self.owner
         b, hkv = idx.shape[:2]
         sel_k, sel_v = self.store.gather(idx, query.device)
         keys = torch.cat([self.sink_k.to(sel_k.dtype), sel_k, self.win_k.to(sel_k.dtype)], dim=2)
