@@ -296,7 +296,8 @@ class ContextCache:
         Parameters
         ----------
         model : transformers model or None
-            Prefills ``input_ids`` when ``kv`` is not given (the prefill speed is measured for ``"auto"``).
+            Prefills ``input_ids`` when ``kv`` is not given and some chunk is missing from the store (the store
+            is asked first; the prefill speed is measured for ``"auto"``).
         input_ids : Tensor[tokens] or Tensor[1, tokens]
         kv : Tensor[layers, 2, kv_heads, tokens, head_dim], optional
             The context's KV with keys before RoPE (e.g. :func:`kvrecall.models.prefill_kv`).
@@ -311,13 +312,7 @@ class ContextCache:
                 raise ContextCacheError("store needs a model to prefill with, or kv=")
             if ids.numel() == 0:
                 raise ContextCacheError("cannot store an empty context")
-            from kvrecall.models import prefill_kv
-
-            t0 = time.perf_counter()
-            kv = prefill_kv(model, ids)
-            prefill_s = time.perf_counter() - t0
-            self.meter.observe_prefill(ids.numel(), prefill_s)
-        if kv.ndim != 5 or kv.shape[1] != 2 or kv.shape[3] != ids.numel():
+        elif kv.ndim != 5 or kv.shape[1] != 2 or kv.shape[3] != ids.numel():
             raise ContextCacheError(
                 f"input_ids [{tuple(ids.shape)}] and kv [{tuple(kv.shape)}] disagree on the token count "
                 "(kv must be [layers, 2, kv_heads, tokens, head_dim])"
@@ -331,6 +326,15 @@ class ContextCache:
             present = self.client.exists(flat).present
         except KVStoreError as exc:
             return StoreResult(n, 0, 0, prefill_s=prefill_s, error=self._warn_store("store", exc))
+        if all(present):  # nothing to write: no prefill either (keys depend on the token ids only)
+            return StoreResult(n, 0, 0, prefill_s=prefill_s)
+        if kv is None:
+            from kvrecall.models import prefill_kv
+
+            t0 = time.perf_counter()
+            kv = prefill_kv(model, ids)
+            prefill_s = time.perf_counter() - t0
+            self.meter.observe_prefill(ids.numel(), prefill_s)
         c = self.chunk_tokens
         jobs: list[tuple[bytes, bytes, str]] = []
         t0 = time.perf_counter()

@@ -125,6 +125,25 @@ def test_missing_chunk_in_the_middle_loads_up_to_it_and_prefills_the_rest(smol, 
     assert cc.last_report.timings["prefill_s"] > 0
 
 
+def test_store_asks_the_store_before_prefilling(smol, client, prompt):
+    """A context whose chunks are all present is not prefilled again; a missing one is, and is written."""
+    model, _ = smol
+    ids, kv, _ = prompt
+    calls = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cc = ContextCache(client, "t-prefill-once", None, "medium", chunk_tokens=CHUNK)
+        first = cc.store(model, ids)
+        assert first.stored == 3 and first.prefill_s > 0 and len(calls) == 1
+        again = cc.store(model, ids)
+        assert (again.chunks, again.stored, again.prefill_s) == (3, 0, 0.0) and len(calls) == 1
+        longer = torch.cat([ids, ids[:10]])  # a new final chunk: prefilled, only that chunk written
+        grown = cc.store(model, longer)
+        assert grown.stored == 1 and len(calls) == 2
+    finally:
+        hook.remove()
+
+
 def test_store_down_recomputes_with_one_warning(smol, prompt):
     from kvrecall.kvstore import KVStoreClient
     from kvrecall.kvstore.testing import free_port
