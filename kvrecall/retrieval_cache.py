@@ -30,8 +30,9 @@ the store (:meth:`RetrievalCache.from_kv`); codes are of the pre-RoPE keys (the 
 its lookup tables). Exact scores and the weighted sum of values are computed from the stored rows directly
 (:meth:`~kvrecall.retrieval_store.OffloadStore.dot` / ``mix``), and the attention reuses the rerank's scores.
 
-``backend="triton"`` runs the attention over the kept rows through :func:`kvrecall.kernels.sparse_attention.
-sparse_decode_attention` (``gathered=True``); ``"torch"`` (the default on CPU) computes it in torch.
+``backend="triton"`` scores the far bands' codes with :func:`kvrecall.kernels.score_topk.lut_scores_triton`
+and runs the attention over the kept rows through :func:`kvrecall.kernels.sparse_attention.
+sparse_decode_attention` (``gathered=True``); ``"torch"`` (the default on CPU) computes both in torch.
 """
 
 from __future__ import annotations
@@ -409,7 +410,10 @@ class RetrievalCache(_RefusesReshaping, Cache):
     rerank_floor : int >= 0. With ``rerank > 1`` the codes pick at least this many candidates per query head
         (``max(ceil(rerank * k), rerank_floor)``): at short contexts a budget's ``rerank * k`` is too few to hold
         keys the codes rank badly (docs/retrieval-decoding.md). Default ``kvrecall.defaults.RETRIEVAL_RERANK_FLOOR``.
-    backend : ``"torch"`` or ``"triton"`` (the kernels; on CPU only under ``TRITON_INTERPRET=1``).
+    backend : ``"torch"`` or ``"triton"``: the far bands' code scores through
+        :func:`kvrecall.kernels.score_topk.lut_scores_triton` and the attention over the kept rows through
+        :func:`kvrecall.kernels.sparse_attention.sparse_decode_attention` (on CPU only under
+        ``TRITON_INTERPRET=1``).
     selector : optional callable ``(layer, q_pre [B, Hq, D], lo, n_off, k, pos) -> list[list[indices]]``
         replacing code scoring (oracle / Quest / StreamingLLM baselines in the same runtime).
 
@@ -474,7 +478,15 @@ class RetrievalCache(_RefusesReshaping, Cache):
         self.probe = None
         self.offset = 0
         self.index_device = next(model.parameters()).device
-        self.scorer = CodeScorer(profile, scorer, near=near, band_ratio=band_ratio, device=self.index_device)
+        lut_scores = None
+        if backend == "triton":  # far-band code scores through the Triton LUT + gather kernel
+            from functools import partial
+
+            from kvrecall.kernels.score_topk import lut_scores_triton
+
+            lut_scores = partial(lut_scores_triton, validate=False)
+        self.scorer = CodeScorer(profile, scorer, near=near, band_ratio=band_ratio, device=self.index_device,
+                                 lut_scores=lut_scores)
         self._key_t = profile.key_transform.to(self.index_device)
         self._books = profile.codebooks.to(self.index_device)
         self._book_norms = (self._books[:, :, 0] ** 2).sum(-1)  # [L, Hkv, K] (vq)

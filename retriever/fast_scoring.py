@@ -53,6 +53,10 @@ class CodeScorer:
     band_ratio : float
         ``banded``: each far band spans distances ``[d, d * band_ratio)``.
     device : torch device of the decoded centroids.
+    lut_scores : callable ``(q [1, Hq, D], codebooks [Hkv, 1, K, D], codes [Hkv, n, 1], group) -> [1, Hq, n]``,
+        optional: computes the far bands' ``LUT[code]`` scores (e.g. the Triton kernel
+        ``kvrecall.kernels.score_topk.lut_scores_triton``, passed in by the integration layer on a GPU); by
+        default torch builds the LUTs and gathers.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class CodeScorer:
         near: int = 1024,
         band_ratio: float = 2.0,
         device: str | torch.device = "cpu",
+        lut_scores=None,
     ) -> None:
         s = profile.settings
         if s.rope_mode == "absolute":
@@ -80,6 +85,7 @@ class CodeScorer:
         self.inv_freq = profile.inv_freq.to(self.device)
         self.scaling = s.rope_scaling
         self._far_cache = None  # (ranges key, (cos, sin)) of the last _far_tables call
+        self.lut_scores = lut_scores
         # decoded centroids in the untransformed pre-RoPE key space: [L, Hkv, K, D] (vq) — k_hat = c' @ L^-1
         self._query_t = profile.query_transform.to(self.device)  # L^-T
         self._codebooks = profile.codebooks.to(self.device)  # [L, Hkv, m, K, D/m]
@@ -259,7 +265,11 @@ class CodeScorer:
         ranges = self.bands(lo, hi, pos)
         far = [r for r in ranges if r[2] is not None]  # nearest first
         out = torch.empty(b, hkv, g, n, device=q.device)
-        if far:
+        if far and self.lut_scores is not None:
+            qr = self._band_queries(q, far)  # [B, Hq, nb, D]
+            for band, (s, e, _) in enumerate(far):
+                out[:, :, :, s - lo : e - lo] = self._band_scores(layer, qr[:, :, band], code_range(codes, s, e)[..., 0])
+        elif far:
             qr = self._band_queries(q, far)  # [B, Hq, nb, D]
             qm = qr.reshape(b, hkv, g * len(far), d).transpose(0, 1).reshape(hkv, b * g * len(far), d)
             lut = torch.bmm(qm, self._decoded[layer].transpose(1, 2))  # [Hkv, B*g*nb, K]
@@ -313,19 +323,25 @@ class CodeScorer:
         c_all = code_range(codes, lo, hi)[..., 0]  # [B, Hkv, n]
         ranges = self.bands(lo, hi, pos)
         far = [r for r in ranges if r[2] is not None]
-        lut = None
+        lut = qr = None
+        kernel = self.lut_scores is not None
         if far:
             qr = self._band_queries(q, far)  # [B, Hq, nb, D]
+        if far and not kernel:
             qm = qr.reshape(b, hkv, g * len(far), d).transpose(0, 1).reshape(hkv, b * g * len(far), d)
             lut = torch.bmm(qm, self._decoded[layer].transpose(1, 2))  # [Hkv, B*g*nb, K]
             lut = lut.reshape(hkv, b, g, len(far), lut.shape[-1]).transpose(0, 1)  # [B, Hkv, g, nb, K]
-        near = {}
+        near = {}  # ranges scored in full (the near one; every band with a lut_scores kernel)
         samples = []
         band = 0
         for s, e, dist in ranges:
             rel, first = s - lo, (-(s - lo)) % stride
-            if dist is None:
-                sc = self._near_scores(layer, q, c_all[:, :, rel : e - lo], s, e, pos)  # [B, Hkv, g, e - s]
+            if dist is None or kernel:
+                if dist is None:
+                    sc = self._near_scores(layer, q, c_all[:, :, rel : e - lo], s, e, pos)  # [B, Hkv, g, e - s]
+                else:
+                    sc = self._band_scores(layer, qr[:, :, band], c_all[:, :, rel : e - lo])
+                    band += 1
                 near[(s, e)] = sc
                 samples.append(sc[..., first::stride])
             else:
@@ -338,13 +354,24 @@ class CodeScorer:
         mask = torch.empty(b, hkv, n, dtype=torch.bool, device=q.device)
         band = 0
         for s, e, dist in ranges:
-            if dist is None:
+            if (s, e) in near:
                 mask[:, :, s - lo : e - lo] = (near[(s, e)] >= thr).any(2)
             else:
                 table = (lut[:, :, :, band] >= thr).any(2)  # [B, Hkv, K]: codes some head of the group keeps
                 mask[:, :, s - lo : e - lo] = table.gather(2, c_all[:, :, s - lo : e - lo])
                 band += 1
         return compact_mask(mask, lo)
+
+    def _band_scores(self, layer: int, qb: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``LUT[code]`` scores ``[B, Hkv, g, n]`` of one far band through the ``lut_scores`` kernel: its LUT query
+        ``qb [B, Hq, D]`` against the decoded centroids, codes ``c [B, Hkv, n]`` (one call per batch row: the
+        kernel takes one row's codes)."""
+        b, hq, _ = qb.shape
+        hkv = hq // self.group
+        books = self._decoded[layer][:, None]  # [Hkv, 1, K, D]
+        rows = [self.lut_scores(qb[bi : bi + 1].contiguous(), books, c[bi, :, :, None].contiguous(), self.group)
+                for bi in range(b)]
+        return torch.cat(rows).reshape(b, hkv, self.group, -1)
 
     def _near_scores(self, layer: int, q: torch.Tensor, c: torch.Tensor, s: int, e: int, pos: int) -> torch.Tensor:
         """Exact scores ``[B, Hkv, g, e - s]`` of the decoded codes ``c [B, Hkv, e - s]`` of tokens ``s .. e-1``.

@@ -331,3 +331,16 @@ def test_rerank_attends_exactly_the_rows_it_keeps(stories_setup):
     counts = {len(h) for rows in kept.values() for row in rows for h in row}
     assert len(counts) > 1  # KV heads kept different numbers of rows: padding was exercised
     torch.testing.assert_close(logits["rerank"], logits["replay"], rtol=1e-4, atol=1e-4)
+
+
+def test_triton_backend_scores_codes_with_the_lut_kernel(stories_setup):
+    """backend="triton" (interpreted) decodes a top-k budget like the torch backend: the far bands scored by the
+    Triton LUT kernel, the kept rows attended by the sparse attention kernel."""
+    model, _, prof, ids, _ = stories_setup
+    outs = {}
+    for backend in ("torch", "triton"):
+        cache = RetrievalCache(model, prof, budget=6, sinks=4, window=16, offload="exact", backend=backend,
+                               near=32, rerank=1.0)
+        assert (cache.scorer.lut_scores is not None) == (backend == "triton")
+        outs[backend] = _generate(model, ids, cache, n=3)
+    assert torch.equal(outs["torch"], outs["triton"])

@@ -268,3 +268,25 @@ def test_compact_mask_lists_each_rows_true_columns_in_order():
             assert valid[b, h, :n].all() and not valid[b, h, n:].any() and (idx[b, h, n:] == 7).all()
     e_idx, e_valid = compact_mask(torch.zeros(1, 2, 9, dtype=torch.bool))
     assert e_idx.shape == e_valid.shape == (1, 2, 0)
+
+
+@pytest.mark.parametrize("method", ["banded", "windowed"])
+def test_lut_kernel_scores_and_shortlists_like_torch(method):
+    """CodeScorer(lut_scores=the Triton LUT kernel, interpreted) gives the torch path's scores, and the same
+    shortlist of a long range (scores of one far band equal, so the sampled thresholds and unions agree)."""
+    from kvrecall.kernels.score_topk import lut_scores_triton  # interpreted without a GPU (tests/conftest.py)
+
+    prof = _random_profile(bits=8, seed=13)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    torch_scorer = CodeScorer(prof, method, near=300, band_ratio=2.0)
+    kernel_scorer = CodeScorer(prof, method, near=300, band_ratio=2.0, lut_scores=lut_scores_triton)
+    codes = torch.randint(0, 256, (2, 2, 6000, 1), generator=gen)
+    q = torch.randn(2, 6, 16, generator=gen)
+    got = kernel_scorer.scores(1, q, codes, 4, 1500, 1510)
+    torch.testing.assert_close(got, torch_scorer.scores(1, q, codes, 4, 1500, 1510), rtol=1e-5, atol=1e-5)
+    idx_k, valid_k = kernel_scorer.candidates(0, q, codes, 4, 6000, 6001, 400)
+    idx_t, valid_t = torch_scorer.candidates(0, q, codes, 4, 6000, 6001, 400)
+    for b in range(2):
+        for h in range(2):
+            a, t = set(idx_k[b, h][valid_k[b, h]].tolist()), set(idx_t[b, h][valid_t[b, h]].tolist())
+            assert len(a ^ t) <= 2, (len(a), len(t), len(a ^ t))  # float rounding at a threshold at most
