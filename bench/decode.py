@@ -101,10 +101,7 @@ def mass_probe(store: dict):
         o = layer.owner
         scores = true_scores(layer, q_pre, 0, n_off, pos)  # stored tokens
         wk = layer.win_k.float()  # post-RoPE window incl. the current token
-        from kvrecall.models import apply_rope, rope_tables
-
-        cq, sq = rope_tables(o.inv_freq, torch.tensor([pos]), o.rope_scaling)
-        q = apply_rope(q_pre.float()[:, :, None], cq, sq)[:, :, 0]
+        q = o.rotate(q_pre.float()[:, :, None], torch.tensor([pos]))[:, :, 0]
         b, hq, d = q.shape
         g = o.info.group_size
         ws = torch.matmul(q.reshape(b, -1, g, d), wk.transpose(2, 3)).reshape(b, hq, -1)

@@ -12,7 +12,6 @@ import math
 
 import torch
 
-from kvrecall.models import apply_rope, rope_tables
 from kvrecall.retriever.fast_scoring import topk_union
 
 __all__ = ["oracle_selector", "streaming_selector", "quest_selector", "true_scores", "SELECTORS"]
@@ -24,15 +23,10 @@ def true_scores(layer, q_pre: torch.Tensor, lo: int, n_off: int, pos: int) -> to
     b = q_pre.shape[0]
     idx = torch.arange(lo, n_off).expand(b, o.info.num_kv_heads, n_off - lo)
     keys = layer.store.gather_part("k", idx).float()  # post-RoPE: rotated at their positions when stored
-    q = _rotate(o, q_pre.float()[:, :, None, :], torch.tensor([pos]))[:, :, 0]
+    q = o.rotate(q_pre.float()[:, :, None, :], torch.tensor([pos]))[:, :, 0]
     g = o.info.group_size
     hkv = o.info.num_kv_heads
     return torch.matmul(q.reshape(b, hkv, g, -1), keys.transpose(2, 3)).reshape(b, hkv * g, -1)
-
-
-def _rotate(o, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    cos, sin = rope_tables(o.inv_freq, positions, o.rope_scaling)
-    return apply_rope(x, cos, sin)
 
 
 def oracle_selector(layer, q_pre, lo, n_off, k, pos):
@@ -63,7 +57,7 @@ def quest_selector(layer, q_pre, lo, n_off, k, pos, page: int = 16):
     valid = torch.arange(n_pages * page).reshape(n_pages, page) < n
     lo_b = kp.masked_fill(~valid[None, None, :, :, None], float("inf")).amin(3)
     hi_b = kp.masked_fill(~valid[None, None, :, :, None], float("-inf")).amax(3)
-    q = _rotate(o, q_pre.float()[:, :, None, :], torch.tensor([pos]))[:, :, 0]  # [B, Hq, D]
+    q = o.rotate(q_pre.float()[:, :, None, :], torch.tensor([pos]))[:, :, 0]  # [B, Hq, D]
     g = o.info.group_size
     qg = q.reshape(b, o.info.num_kv_heads, g, 1, -1)
     bound = torch.maximum(qg * lo_b[:, :, None], qg * hi_b[:, :, None]).sum(-1)  # [B, Hkv, g, pages]

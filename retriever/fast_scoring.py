@@ -270,10 +270,7 @@ class CodeScorer:
             for band, (s, e, _) in enumerate(far):
                 out[:, :, :, s - lo : e - lo] = self._band_scores(layer, qr[:, :, band], code_range(codes, s, e)[..., 0])
         elif far:
-            qr = self._band_queries(q, far)  # [B, Hq, nb, D]
-            qm = qr.reshape(b, hkv, g * len(far), d).transpose(0, 1).reshape(hkv, b * g * len(far), d)
-            lut = torch.bmm(qm, self._decoded[layer].transpose(1, 2))  # [Hkv, B*g*nb, K]
-            lut = lut.reshape(hkv, b, g, len(far), lut.shape[-1]).transpose(0, 1)  # [B, Hkv, g, nb, K]
+            lut = self._band_luts(layer, self._band_queries(q, far))  # [B, Hkv, g, nb, K]
             for band, (s, e, _) in enumerate(far):
                 c = code_range(codes, s, e)[:, :, None, :, 0].expand(b, hkv, g, e - s)
                 out[:, :, :, s - lo : e - lo] = lut[:, :, :, band].gather(3, c)
@@ -328,9 +325,7 @@ class CodeScorer:
         if far:
             qr = self._band_queries(q, far)  # [B, Hq, nb, D]
         if far and not kernel:
-            qm = qr.reshape(b, hkv, g * len(far), d).transpose(0, 1).reshape(hkv, b * g * len(far), d)
-            lut = torch.bmm(qm, self._decoded[layer].transpose(1, 2))  # [Hkv, B*g*nb, K]
-            lut = lut.reshape(hkv, b, g, len(far), lut.shape[-1]).transpose(0, 1)  # [B, Hkv, g, nb, K]
+            lut = self._band_luts(layer, qr)  # [B, Hkv, g, nb, K]
         near = {}  # ranges scored in full (the near one; every band with a lut_scores kernel)
         samples = []
         band = 0
@@ -361,6 +356,15 @@ class CodeScorer:
                 mask[:, :, s - lo : e - lo] = table.gather(2, c_all[:, :, s - lo : e - lo])
                 band += 1
         return compact_mask(mask, lo)
+
+    def _band_luts(self, layer: int, qr: torch.Tensor) -> torch.Tensor:
+        """LUTs of the far bands' queries ``qr [B, Hq, nb, D]``: ``[B, Hkv, g, nb, K]``, the score of every
+        decoded centroid, in one batched matmul over KV heads."""
+        b, hq, nb, d = qr.shape
+        hkv = hq // self.group
+        qm = qr.reshape(b, hkv, self.group * nb, d).transpose(0, 1).reshape(hkv, b * self.group * nb, d)
+        lut = torch.bmm(qm, self._decoded[layer].transpose(1, 2))  # [Hkv, B*g*nb, K]
+        return lut.reshape(hkv, b, self.group, nb, lut.shape[-1]).transpose(0, 1)
 
     def _band_scores(self, layer: int, qb: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """``LUT[code]`` scores ``[B, Hkv, g, n]`` of one far band through the ``lut_scores`` kernel: its LUT query
