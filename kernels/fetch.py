@@ -13,6 +13,10 @@ scales travel with their rows.
 
 On a machine without CUDA the same API gathers into a reusable buffer in ordinary memory (no streams).
 
+:class:`HostRowGather` is the same path for a store that grows (retrieval decoding's offload store): rows of
+2-D host buffers picked by row number, staged in pinned memory and copied to the device without a dedicated
+stream (each decode step needs its rows at once, so there is nothing to overlap them with).
+
 Reference twin: :func:`fetch_rows_reference` (plain advanced indexing).
 """
 
@@ -31,7 +35,7 @@ from kvrecall.kernels.common import (
 )
 from kvrecall.kernels.kivi import KiviRows
 
-__all__ = ["SelectedRowFetcher", "FetchedRows", "fetch_rows_reference"]
+__all__ = ["SelectedRowFetcher", "FetchedRows", "HostRowGather", "fetch_rows_reference"]
 
 
 @dataclass
@@ -259,6 +263,86 @@ class SelectedRowFetcher:
                             head_dim=dim)
             return FetchedRows(None, None, q, sel, cnt, nbytes, ready, slot, self)
         return FetchedRows(views["k"], views["v"], None, sel, cnt, nbytes, ready, slot, self)
+
+
+class HostRowGather:
+    """Selected rows of host buffers, delivered on a device: the fetch of a store that grows between calls.
+
+    Each :meth:`gather` picks rows of 2-D host tensors by row number (one ``index_select`` per tensor, in their
+    stored dtype: int8 codes cross as int8). For a CUDA ``device`` the rows are gathered into pinned staging
+    buffers and copied with ``non_blocking=True`` on the current stream; ``num_slots`` staging slots rotate and
+    a slot is rewritten only once its previous copy has landed, so a copy never reads rows a later gather
+    overwrote. For a CPU ``device`` the gathered rows are returned as they are (no staging, no copy).
+
+    Parameters
+    ----------
+    device : torch.device or str
+        Where the rows are wanted.
+    num_slots : int
+        Staging slots (on CUDA); 2 lets the rows of one gather cross while the next is gathered.
+
+    Attributes
+    ----------
+    rows, nbytes : int
+        Rows gathered so far (the length of each call's ``rows``) and their bytes over all tensors; on CUDA
+        ``nbytes`` are the bytes copied host -> device.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", num_slots: int = 2) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise KernelInputError("device is CUDA but CUDA is not available")
+        if int(num_slots) < 1:
+            raise KernelInputError(f"num_slots must be >= 1, got {num_slots}")
+        self.num_slots = int(num_slots)
+        self._staging: list[dict[str, torch.Tensor]] = [{} for _ in range(self.num_slots)]
+        self._copied: list[object] = [None] * self.num_slots
+        self._next = 0
+        self.rows = 0
+        self.nbytes = 0
+
+    def _buffer(self, slot: int, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._staging[slot].get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            size = max(numel, 2 * (buf.numel() if buf is not None and buf.dtype == dtype else 0))
+            buf = torch.empty(size, dtype=dtype, pin_memory=True)
+            self._staging[slot][name] = buf
+        return buf[:numel]
+
+    def gather(self, sources: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows ``rows`` of every 2-D host tensor in ``sources``.
+
+        Parameters
+        ----------
+        sources : dict of name -> Tensor[N, W] on the CPU (pinned for a truly asynchronous copy; any works).
+        rows : Tensor[S], int64, on the CPU, every value in ``[0, N)`` (not checked: the store's own indices).
+
+        Returns
+        -------
+        dict of name -> Tensor[S, W] on ``device``, in each source's dtype. On CUDA valid as soon as the current
+        stream reaches them; the staging they came from is reused ``num_slots`` gathers later.
+        """
+        n = rows.numel()
+        self.rows += n
+        if self.device.type != "cuda":
+            out = {name: src.index_select(0, rows) for name, src in sources.items()}
+            self.nbytes += sum(t.numel() * t.element_size() for t in out.values())
+            return out
+        slot = self._next
+        self._next = (slot + 1) % self.num_slots
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()  # that slot's last copy must have read its staging first
+        out = {}
+        for name, src in sources.items():
+            width = src.shape[1]
+            staged = self._buffer(slot, name, n * width, src.dtype).view(n, width)
+            torch.index_select(src, 0, rows, out=staged)
+            out[name] = staged.to(self.device, non_blocking=True)
+            self.nbytes += staged.numel() * staged.element_size()
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._copied[slot] = event
+        return out
 
 
 def fetch_rows_reference(x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

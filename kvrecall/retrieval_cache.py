@@ -603,7 +603,8 @@ class RetrievalCache(_RefusesReshaping, Cache):
         GPU memory; the scorer keeps no per-token state of its own), ``codebook_bytes`` (per-model decoded
         codebooks, shared by all sequences, reported apart), ``rope_table_bytes`` (the RoPE cos/sin table of
         the positions seen, shared by every cache of the model, reported apart),
-        ``offloaded_bytes`` (the store), ``dense_fp16_bytes`` (the same tokens as an fp16 KV cache), ``tokens``,
+        ``offloaded_bytes`` (the store), ``fetched_bytes`` (rows and their scales read from the stores so far,
+        in their stored form, prefill included: on a GPU the bytes copied to it), ``dense_fp16_bytes`` (the same tokens as an fp16 KV cache), ``tokens``,
         ``batch``, ``mean_selected`` (rows attended per KV head per decode step, averaged over layers and steps),
         ``decode_steps`` and ``timings_ms`` totals: ``score`` (codes -> shortlist), ``gather`` (the shortlist's
         keys read from the store and scored exactly), ``select`` (each head's top-k of those scores, rerank
@@ -619,6 +620,7 @@ class RetrievalCache(_RefusesReshaping, Cache):
             "codebook_bytes": self.scorer.codebook_bytes,
             "rope_table_bytes": shared_rope_table_bytes(self.inv_freq.to(self.index_device), self.rope_scaling),
             "offloaded_bytes": sum(layer.store.nbytes for layer in layers),
+            "fetched_bytes": sum(layer.store.fetched_bytes for layer in layers),
             "dense_fp16_bytes": dense,
             "tokens": tokens,
             "batch": batch,

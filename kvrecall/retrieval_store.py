@@ -16,13 +16,17 @@ Codes for scoring are taken from the pre-RoPE keys before they are stored.
 
 :meth:`OffloadStore.dot` and :meth:`OffloadStore.mix` compute ``q · k`` and ``sum w v`` over selected rows without
 dequantizing them first (for int8/int4 rows ``x = c * scale + zero``, so ``q · x = scale (q · c) + zero sum(q)``):
-the decode step's exact scores and its weighted values.
+the decode step's exact scores and its weighted values. Rows are read through a
+:class:`~kvrecall.kernels.fetch.HostRowGather` per target device: on a GPU the selected rows are staged in
+pinned memory and cross in their stored form (int8 / int4 codes with fp16 scales, or fp16 rows), and are
+dequantized or scored there; :attr:`OffloadStore.fetched_rows` / ``fetched_bytes`` count what was read.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvrecall.kernels.fetch import HostRowGather
 from kvrecall.kernels.kivi import pack_int4, unpack_int4
 
 __all__ = ["OFFLOAD_FORMS", "OffloadStore", "RetrievalError", "resident_row_dtype"]
@@ -90,6 +94,17 @@ class OffloadStore:
             for name in ("k", "v"):
                 self._parts[name] = _Rows(batch, kv_heads, width, torch.uint8, pin)
                 self._parts[name + "_scale"] = _Rows(batch, kv_heads, 2, torch.float16, pin)  # scale, zero
+        self._gatherers: dict[torch.device, HostRowGather] = {}
+
+    @property
+    def fetched_rows(self) -> int:
+        """Rows read from the store so far (keys and values counted apart), on every device."""
+        return sum(g.rows for g in self._gatherers.values())
+
+    @property
+    def fetched_bytes(self) -> int:
+        """Bytes of the rows (and their scales) read from the store so far; on a GPU, bytes copied to it."""
+        return sum(g.nbytes for g in self._gatherers.values())
 
     @property
     def nbytes(self) -> int:
@@ -118,14 +133,14 @@ class OffloadStore:
         start, end = self.length, self.length + n
         for rows in self._parts.values():
             rows.ensure(end, start)
-        for name, x in (("k", keys), ("v", values)):
-            x = x.detach().to("cpu")
+        for name, x in (("k", keys), ("v", values)):  # quantized where the rows are (a GPU), then copied down
+            x = x.detach()
             if self.form in ("exact", "float16"):
-                self._parts[name].data[:, :, start:end] = x.to(self._parts[name].dtype)
+                self._parts[name].data[:, :, start:end] = x.to(self._parts[name].dtype).cpu()
             else:
                 codes, sz = self._encode(x)
-                self._parts[name].data[:, :, start:end] = codes
-                self._parts[name + "_scale"].data[:, :, start:end] = sz
+                self._parts[name].data[:, :, start:end] = codes.cpu()
+                self._parts[name + "_scale"].data[:, :, start:end] = sz.cpu()
         self.length = end
 
     def _flat(self, idx: torch.Tensor) -> torch.Tensor:
@@ -135,22 +150,30 @@ class OffloadStore:
         base = torch.arange(b * h, dtype=torch.int64).reshape(b, h, 1) * cap
         return (idx.to("cpu", torch.int64) + base).reshape(-1)
 
-    def _raw(self, name: str, flat: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stored rows of ``name`` at flat row numbers, as float32 ``[B, Hkv, S, D]`` codes (int forms) or values,
-        and ``[B, Hkv, S, 2]`` (scale, zero) for the int forms (None otherwise). One ``index_select`` per buffer
-        (a ``gather`` with an expanded index is ~20x slower on CPU)."""
+    def _raw(self, name: str, flat: torch.Tensor, shape: tuple[int, int, int],
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stored rows of ``name`` at flat row numbers, on ``device``, as float32 ``[B, Hkv, S, D]`` codes (int
+        forms) or values, and ``[B, Hkv, S, 2]`` (scale, zero) for the int forms (None otherwise). One
+        ``index_select`` per buffer (a ``gather`` with an expanded index is ~20x slower on CPU); rows cross to a
+        GPU in their stored dtype and are widened there."""
+        device = torch.device(device)
+        gatherer = self._gatherers.get(device)
+        if gatherer is None:
+            gatherer = self._gatherers[device] = HostRowGather(device)
         data = self._parts[name].data
-        rows = data.view(-1, data.shape[3]).index_select(0, flat)
-        if self.form in ("exact", "float16"):
-            return rows.view(*shape, self.head_dim).float(), None
+        sources = {"rows": data.view(-1, data.shape[3])}
+        if self.form not in ("exact", "float16"):
+            sources["sz"] = self._parts[name + "_scale"].data.view(-1, 2)
+        got = gatherer.gather(sources, flat)
+        rows = got["rows"]
         if self.form == "int4":
             rows = unpack_int4(rows)
-        sz = self._parts[name + "_scale"].data.view(-1, 2).index_select(0, flat).float()
-        return rows.view(*shape, self.head_dim).float(), sz.view(*shape, 2)
+        rows = rows.view(*shape, self.head_dim).float()
+        return rows, (got["sz"].float().view(*shape, 2) if "sz" in got else None)
 
-    def _decode(self, name: str, idx: torch.Tensor) -> torch.Tensor:
-        """Rows of ``name`` at token indices ``idx [B, Hkv, S]``, dequantized, in the model's dtype."""
-        rows, sz = self._raw(name, self._flat(idx), tuple(idx.shape))
+    def _decode(self, name: str, idx: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Rows of ``name`` at token indices ``idx [B, Hkv, S]``, dequantized on ``device``, in the model's dtype."""
+        rows, sz = self._raw(name, self._flat(idx), tuple(idx.shape), device)
         if sz is not None:
             rows = torch.addcmul(sz[..., 1:], rows, sz[..., :1])
         return rows.to(self.dtype)
@@ -167,12 +190,10 @@ class OffloadStore:
         -------
         Tensor[B, Hkv, g, S], float32: for int rows ``scale * (q · codes) + zero * sum(q)`` (no dequantized copy).
         """
-        rows, sz = self._raw("k", self._flat(indices), tuple(indices.shape))
-        rows = rows.to(q.device, non_blocking=True)
+        rows, sz = self._raw("k", self._flat(indices), tuple(indices.shape), q.device)
         out = torch.matmul(q, rows.transpose(2, 3))
         if sz is None:
             return out
-        sz = sz.to(q.device, non_blocking=True)
         return out * sz[:, :, None, :, 0] + q.sum(-1, keepdim=True) * sz[:, :, None, :, 1]
 
     def mix(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -187,17 +208,15 @@ class OffloadStore:
         -------
         Tensor[B, Hkv, g, D], float32: for int rows ``(w * scale) @ codes + (w · zero)``.
         """
-        rows, sz = self._raw("v", self._flat(indices), tuple(indices.shape))
-        rows = rows.to(weights.device, non_blocking=True)
+        rows, sz = self._raw("v", self._flat(indices), tuple(indices.shape), weights.device)
         if sz is None:
             return torch.matmul(weights, rows)
-        sz = sz.to(weights.device, non_blocking=True)
         out = torch.matmul(weights * sz[:, :, None, :, 0], rows)
         return out + (weights * sz[:, :, None, :, 1]).sum(-1, keepdim=True)
 
     def gather(self, indices: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (post-RoPE) and values of token indices ``[B, Hkv, S]`` (all valid, ``< length``):
-        ``[B, Hkv, S, D]`` each, in the model's dtype on ``device`` (host gather, then one copy)."""
+        ``[B, Hkv, S, D]`` each, in the model's dtype on ``device`` (stored rows cross, then are dequantized)."""
         return self.gather_part("k", indices, device), self.gather_part("v", indices, device)
 
     def gather_part(self, part: str, indices: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -205,9 +224,7 @@ class OffloadStore:
         model's dtype on ``device`` (a rerank fetches its candidates' keys, then the chosen rows' values)."""
         if part not in ("k", "v"):
             raise RetrievalError(f"part must be 'k' or 'v', got {part!r}")
-        rows = self._decode(part, indices.to("cpu"))
-        device = torch.device(device)
-        return rows.to(device, non_blocking=True) if device.type != "cpu" else rows
+        return self._decode(part, indices.to("cpu"), device)
 
     def all_rows(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored row (for prefill chunks that attend densely to earlier ones)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvrecall.kernels.common import KernelDTypeError, KernelIndexError, KernelInputError, KernelShapeError
-from kvrecall.kernels.fetch import SelectedRowFetcher, fetch_rows_reference
+from kvrecall.kernels.fetch import HostRowGather, SelectedRowFetcher, fetch_rows_reference
 from kvrecall.kernels.kivi import quantize_kv
 from kvrecall.kernels.rope import RopeSpec
 from kvrecall.models import rope_tables
@@ -124,3 +124,38 @@ def test_gpu_fetch_overlaps_on_side_stream():
         assert rows.k.is_cuda
         assert _live_equal(rows.k, fetch_rows_reference(k, idx, cnt), cnt)
         rows.release()
+
+
+def _host_rows(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (300, 16), generator=g, dtype=torch.int64).to(torch.uint8)
+    scales = torch.randn(300, 2, generator=g).half()
+    return {"rows": codes, "sz": scales}, g
+
+
+def test_host_row_gather_picks_rows_in_their_stored_dtype():
+    src, g = _host_rows(6)
+    gather = HostRowGather("cpu")
+    for n in (0, 1, 37, 300):
+        rows = torch.randint(0, 300, (n,), generator=g)
+        got = gather.gather(src, rows)
+        assert got["rows"].dtype == torch.uint8 and got["sz"].dtype == torch.float16
+        assert torch.equal(got["rows"], src["rows"][rows]) and torch.equal(got["sz"], src["sz"][rows])
+    assert gather.rows == 338 and gather.nbytes == 338 * (16 + 4)
+    with pytest.raises(KernelInputError):
+        HostRowGather("cpu", num_slots=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned staging, async copies)")
+def test_gpu_host_row_gather_keeps_earlier_results_while_slots_rotate():
+    src, g = _host_rows(7)
+    src = {name: t.pin_memory() for name, t in src.items()}
+    gather = HostRowGather("cuda", num_slots=2)
+    picks = [torch.randint(0, 300, (n,), generator=g) for n in (50, 120, 7, 300, 64)]
+    outs = [gather.gather(src, rows) for rows in picks]  # later gathers rewrite the staging of earlier ones
+    torch.cuda.synchronize()
+    for rows, got in zip(picks, outs):
+        assert got["rows"].is_cuda and got["rows"].dtype == torch.uint8
+        assert torch.equal(got["rows"].cpu(), src["rows"][rows]) and torch.equal(got["sz"].cpu(), src["sz"][rows])
+    assert gather.nbytes == sum(len(r) for r in picks) * (16 + 4)

@@ -52,6 +52,25 @@ def test_full_budget_through_triton_path_interpreted(stories_setup):
     assert torch.equal(out, dense[:, : ids.shape[1] + 2])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned offload store, kernels)")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_decoding_matches_dense_and_fetches_stored_rows(stories_setup, backend):
+    import copy
+
+    model, _, prof, ids, _ = stories_setup
+    gpu = copy.deepcopy(model).cuda()
+    ids = ids.cuda()
+    dense = gpu.generate(ids, max_new_tokens=8, do_sample=False)
+    cache = RetrievalCache(gpu, prof, budget=1.0, sinks=4, window=16, backend=backend, offload="exact")
+    assert torch.equal(_generate(gpu, ids, cache, n=8), dense)
+    layer = cache.layers[0]
+    assert layer.win_k.is_cuda and layer.codes.nbytes > 0 and layer.store._parts["k"].data.is_pinned()
+    cache = RetrievalCache(gpu, prof, budget=5, sinks=4, window=16, backend=backend, offload="int8")
+    out = _generate(gpu, ids, cache, n=8)
+    assert out.shape == dense.shape and cache.stats()["fetched_bytes"] > 0
+
+
 def test_gathered_rows_are_the_selection_not_the_context(stories_setup):
     model, _, prof, ids, _ = stories_setup
     group = model.config.num_attention_heads // model.config.num_key_value_heads
@@ -62,6 +81,29 @@ def test_gathered_rows_are_the_selection_not_the_context(stories_setup):
         assert layer.last_attended == 4 + layer.last_gathered + 16
         assert layer.last_attended < layer.length / 4
     assert cache.stats()["mean_selected"] <= 4 + 16 + 5 * group
+
+
+@pytest.mark.parametrize("form,row_bytes", [("float16", 2 * 8), ("int8", 8 + 4), ("int4", 4 + 4)])
+def test_a_decode_step_fetches_only_its_rows_in_stored_form(stories_setup, form, row_bytes):
+    model, _, prof, ids, _ = stories_setup
+    b, hkv = 1, model.config.num_key_value_heads
+    cache = RetrievalCache(model, prof, budget=5, sinks=4, window=16, rerank=1.0, offload=form)
+    try:
+        with torch.no_grad():
+            model(ids, **cache_kwargs(model, cache))  # prefill: nothing read back from the store
+            assert all(layer.store.fetched_rows == 0 for layer in cache.layers)
+            model(torch.tensor([[11]]), **cache_kwargs(model, cache))  # a decode step
+            before = {id(layer): (layer.store.fetched_rows, layer.store.fetched_bytes) for layer in cache.layers}
+            model(torch.tensor([[7]]), **cache_kwargs(model, cache))  # the step measured
+    finally:
+        cache.restore_attention()
+    for layer in cache.layers:
+        rows0, bytes0 = before[id(layer)]
+        fetched = 2 * b * hkv * layer.last_gathered  # padded width per KV head, keys and values
+        assert layer.store.fetched_rows - rows0 == fetched
+        assert layer.store.fetched_bytes - bytes0 == fetched * row_bytes
+        assert fetched < 2 * b * hkv * layer.length / 4
+    assert cache.stats()["fetched_bytes"] == sum(layer.store.fetched_bytes for layer in cache.layers)
 
 
 def test_tokens_leaving_the_window_reach_store_and_index(stories_setup):
