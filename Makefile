@@ -19,7 +19,7 @@ FILES := $(VENV)/.kvrecall-files
 $(shell mkdir -p $(VENV) && find kvrecall encoder kvstore retriever kernels \( -name '*.py' -o -name '*.c' -o -name py.typed \) \
 	-not -path '*/__pycache__/*' | sort > $(FILES).new && (cmp -s $(FILES).new $(FILES) || mv $(FILES).new $(FILES)); rm -f $(FILES).new)
 
-.PHONY: install demo demo-fast test test-deps check-stubs stubs bench-quick gpu-check clean
+.PHONY: install demo demo-fast test test-deps check-stubs stubs bench-quick gpu-check gpu-bundle clean
 
 $(STAMP): pyproject.toml $(FILES)
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -62,6 +62,13 @@ bench-quick: $(STAMP)
 # benches in < 8 minutes, results in bench/results/gpu-*.json. Needs no venv.
 gpu-check:
 	bash bench/gpu_check.sh
+
+# Copy the small shared assets into ./shared (git-ignored, ~19 MB) so that they travel with the working tree to a
+# bare GPU machine; bench/gpu_check.sh points the tests at them. Run here, before sending the tree.
+gpu-bundle:
+	mkdir -p shared/models shared/data
+	cp -r ../shared/models/stories260K ../shared/models/fixture-hd64 shared/models/
+	cp -r ../shared/data/texts shared/data/
 
 clean:
 	rm -rf $(VENV) build *.egg-info

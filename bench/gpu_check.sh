@@ -21,6 +21,9 @@ for f in "$REPO"/kvrecall/*; do ln -s "$f" "$SHADOW/kvrecall/$(basename "$f")"; 
 for pkg in encoder kvstore retriever kernels; do ln -sfn "$REPO/$pkg" "$SHADOW/kvrecall/$pkg"; done
 export PYTHONPATH="$SHADOW${PYTHONPATH:+:$PYTHONPATH}"
 export KVRECALL_NATIVE=0            # the codec's C extension is not built on this machine
+# the small shared assets (stories260K, fixture-hd64, texts) travel inside the tree as ./shared (make gpu-bundle):
+# the tests that need them run there instead of skipping
+if [ -z "${KVRECALL_SHARED:-}" ] && [ -d "$REPO/shared/models" ]; then export KVRECALL_SHARED=$REPO/shared; fi
 status=0
 step() {  # step NAME LIMIT_S CMD...
   local name=$1 limit=$2; shift 2
