@@ -30,9 +30,12 @@ the store (:meth:`RetrievalCache.from_kv`); codes are of the pre-RoPE keys (the 
 its lookup tables). Exact scores and the weighted sum of values are computed from the stored rows directly
 (:meth:`~kvrecall.retrieval_store.OffloadStore.dot` / ``mix``), and the attention reuses the rerank's scores.
 
-``backend="triton"`` scores the far bands' codes with :func:`kvrecall.kernels.score_topk.lut_scores_triton`
-and runs the attention over the kept rows through :func:`kvrecall.kernels.sparse_attention.
-sparse_decode_attention` (``gathered=True``); ``"torch"`` (the default on CPU) computes both in torch.
+``backend="triton"`` scores the far bands' codes with :func:`kvrecall.kernels.score_topk.lut_scores_triton`;
+where the codes' shortlist is attended as it is (``rerank=1``, or a budget that covers the store) the fetched
+rows go straight to :func:`kvrecall.kernels.sparse_attention.sparse_decode_attention` (``gathered=True``:
+scores, softmax and the weighted sum of values in one pass). With a rerank the kept rows' exact scores already
+exist, so the softmax over them and the sum of their values run in torch on the device (handing the kernel the
+kept keys again would fetch them twice). ``"torch"`` (the default) computes everything in torch.
 """
 
 from __future__ import annotations
@@ -287,7 +290,8 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         Stages (``stats()["timings_ms"]``): ``score`` codes -> candidate rows; ``gather`` their keys fetched
         from the store and scored exactly (``OffloadStore.dot``); ``select`` each query head's top-k of those
         scores, unioned per GQA group (rerank only); ``attend`` softmax over sinks + kept + window and the kept
-        rows' values (``OffloadStore.mix``)."""
+        rows' values (``OffloadStore.mix``). The Triton backend without a rerank fetches the candidates' keys
+        and values (``gather``) and attends them in the sparse kernel (``attend``)."""
         o = self.owner
         b, hq, _, d = query.shape
         hkv, g = o.info.num_kv_heads, o.info.group_size
@@ -312,6 +316,13 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
         o.timings["score"] += t1 - t0
         self.last_gathered = idx.shape[2]
         qg = q_post.reshape(b, hkv, g, d)
+        if o.backend == "triton" and not rerank:  # the sparse kernel scores, weighs and sums the fetched rows itself
+            sel_k, sel_v = self.store.gather(idx, dev)
+            o.timings["gather"] += time.perf_counter() - t1
+            t2 = self._note_attended(q_pre, idx, valid, lo, n_off, k, pos)
+            out = self._attend_triton(query, sel_k, sel_v, valid, scale)
+            o.timings["attend"] += time.perf_counter() - t2
+            return out
         # ---- gather: the candidates' keys, scored exactly
         logits = self.store.dot(idx, qg).mul_(scale).masked_fill_(~valid[:, :, None, :], float("-inf"))
         t2 = time.perf_counter()
@@ -326,30 +337,33 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
             logits = logits.gather(3, order[:, :, None, :].expand(b, hkv, g, order.shape[2]))
             logits.masked_fill_(~valid[:, :, None, :], float("-inf"))  # padding of heads that kept fewer rows
             o.timings["select"] += time.perf_counter() - t2
-        t3 = time.perf_counter()
+        t3 = self._note_attended(q_pre, idx, valid, lo, n_off, k, pos)
+        # ---- attend: softmax over sinks + window and the kept rows' exact scores, the kept rows' values summed
+        res_k = torch.cat([self.sink_k, self.win_k], dim=2).float()
+        res_v = torch.cat([self.sink_v, self.win_v], dim=2).float()
+        res_logits = torch.matmul(qg, res_k.transpose(2, 3)) * scale  # [B, Hkv, g, sinks + window]
+        w = torch.softmax(torch.cat([res_logits, logits], dim=-1), dim=-1)
+        r = res_k.shape[2]
+        out = torch.matmul(w[..., :r], res_v)
+        if idx.shape[2]:
+            out = out + self.store.mix(idx, w[..., r:].contiguous())
+        out = out.reshape(b, hq, 1, d).to(query.dtype)
+        o.timings["attend"] += time.perf_counter() - t3
+        return out
+
+    def _note_attended(self, q_pre, idx, valid, lo: int, n_off: int, k: int, pos: int) -> float:
+        """Count the step's attended rows (``last_attended``, ``mean_selected``) and show them to the bench's probe;
+        returns the time the attend stage starts at (after the probe)."""
+        o = self.owner
+        b, hkv = idx.shape[:2]
         if o.probe is not None:  # measurement hook (bench): sees the step's query and the rows it attends
             chosen = [[idx[bi, h][valid[bi, h].cpu()] for h in range(hkv)] for bi in range(b)]
             o.probe(self, q_pre, chosen, lo, n_off, k, pos)
-            t3 = time.perf_counter()
-        # ---- attend over sinks + kept + window
         n_sink, n_win = self.sink_k.shape[2], self.win_k.shape[2]
         self.last_attended = n_sink + idx.shape[2] + n_win
         o.selected_sum += (n_sink + n_win) + float(valid.sum()) / (b * hkv)
         o.selected_steps += 1
-        if o.backend == "triton":
-            out = self._attend_triton(query, idx, valid, scale)
-        else:
-            res_k = torch.cat([self.sink_k, self.win_k], dim=2).float()
-            res_v = torch.cat([self.sink_v, self.win_v], dim=2).float()
-            res_logits = torch.matmul(qg, res_k.transpose(2, 3)) * scale  # [B, Hkv, g, sinks + window]
-            w = torch.softmax(torch.cat([res_logits, logits], dim=-1), dim=-1)
-            r = res_k.shape[2]
-            out = torch.matmul(w[..., :r], res_v)
-            if idx.shape[2]:
-                out = out + self.store.mix(idx, w[..., r:].contiguous())
-            out = out.reshape(b, hq, 1, d).to(query.dtype)
-        o.timings["attend"] += time.perf_counter() - t3
-        return out
+        return time.perf_counter()
 
     def _candidates(self, q_pre: torch.Tensor, lo: int, n_off: int, k: int, pos: int):
         """Rows to fetch: ``idx, valid [B, Hkv, S]`` (token indices, ascending; padding invalid)."""
@@ -361,12 +375,12 @@ class RetrievalLayer(_RefusesReshaping, CacheLayerMixin):
             return padded_selection(o.selector(self, q_pre, lo, n_off, k, pos))
         return o.scorer.candidates(self.layer_idx, q_pre, self.codes, lo, n_off, pos, k)
 
-    def _attend_triton(self, query, idx, valid, scale):
-        """The kept rows fetched to the device and attended with sinks and window by the sparse kernel."""
+    def _attend_triton(self, query, sel_k, sel_v, valid, scale):
+        """Fetched rows ``sel_k, sel_v [B, Hkv, S, D]`` (``valid`` marks the live ones) attended with sinks and
+        window by the sparse kernel (scores, softmax and the weighted sum in one pass)."""
         from kvrecall.kernels.sparse_attention import sparse_decode_attention
 
-        b, hkv = idx.shape[:2]
-        sel_k, sel_v = self.store.gather(idx, query.device)
+        b, hkv = valid.shape[:2]
         keys = torch.cat([self.sink_k.to(sel_k.dtype), sel_k, self.win_k.to(sel_k.dtype)], dim=2)
         values = torch.cat([self.sink_v.to(sel_v.dtype), sel_v, self.win_v.to(sel_v.dtype)], dim=2)
         n_sink, n_win = self.sink_k.shape[2], self.win_k.shape[2]
@@ -411,9 +425,9 @@ class RetrievalCache(_RefusesReshaping, Cache):
         (``max(ceil(rerank * k), rerank_floor)``): at short contexts a budget's ``rerank * k`` is too few to hold
         keys the codes rank badly (docs/retrieval-decoding.md). Default ``kvrecall.defaults.RETRIEVAL_RERANK_FLOOR``.
     backend : ``"torch"`` or ``"triton"``: the far bands' code scores through
-        :func:`kvrecall.kernels.score_topk.lut_scores_triton` and the attention over the kept rows through
-        :func:`kvrecall.kernels.sparse_attention.sparse_decode_attention` (on CPU only under
-        ``TRITON_INTERPRET=1``).
+        :func:`kvrecall.kernels.score_topk.lut_scores_triton` and, where no rerank runs, the attention over the
+        fetched rows through :func:`kvrecall.kernels.sparse_attention.sparse_decode_attention` (module
+        docstring; on CPU only under ``TRITON_INTERPRET=1``).
     selector : optional callable ``(layer, q_pre [B, Hq, D], lo, n_off, k, pos) -> list[list[indices]]``
         replacing code scoring (oracle / Quest / StreamingLLM baselines in the same runtime).
 

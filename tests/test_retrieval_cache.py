@@ -375,14 +375,32 @@ def test_rerank_attends_exactly_the_rows_it_keeps(stories_setup):
     torch.testing.assert_close(logits["rerank"], logits["replay"], rtol=1e-4, atol=1e-4)
 
 
-def test_triton_backend_scores_codes_with_the_lut_kernel(stories_setup):
+def test_triton_backend_scores_codes_with_the_lut_kernel(stories_setup, monkeypatch):
     """backend="triton" (interpreted) decodes a top-k budget like the torch backend: the far bands scored by the
-    Triton LUT kernel, the kept rows attended by the sparse attention kernel."""
+    Triton LUT kernel; without a rerank the fetched rows attended by the sparse attention kernel (keys and values
+    fetched once each), with one the rerank's scores reused."""
+    from kvrecall.kernels import sparse_attention
+
     model, _, prof, ids, _ = stories_setup
-    outs = {}
-    for backend in ("torch", "triton"):
-        cache = RetrievalCache(model, prof, budget=6, sinks=4, window=16, offload="exact", backend=backend,
-                               near=32, rerank=1.0)
-        assert (cache.scorer.lut_scores is not None) == (backend == "triton")
-        outs[backend] = _generate(model, ids, cache, n=3)
-    assert torch.equal(outs["torch"], outs["triton"])
+    calls = []
+    original = sparse_attention.sparse_decode_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_attention, "sparse_decode_attention", counting)
+    for rerank in (1.0, 2.0):
+        outs, fetched = {}, {}
+        for backend in ("torch", "triton"):
+            calls.clear()
+            cache = RetrievalCache(model, prof, budget=6, sinks=4, window=16, offload="exact", backend=backend,
+                                   near=32, rerank=rerank, rerank_floor=0)
+            assert (cache.scorer.lut_scores is not None) == (backend == "triton")
+            outs[backend] = _generate(model, ids, cache, n=3)
+            fetched[backend] = cache.stats()["fetched_bytes"]
+            kernel_steps = len(calls)
+            assert kernel_steps == (2 * model.config.num_hidden_layers if backend == "triton" and rerank == 1.0
+                                    else 0)
+        assert torch.equal(outs["torch"], outs["triton"])
+        assert fetched["torch"] == fetched["triton"]  # the same rows cross, once
