@@ -63,12 +63,15 @@ bench-quick: $(STAMP)
 gpu-check:
 	bash bench/gpu_check.sh
 
-# Copy the small shared assets into ./shared (git-ignored, ~19 MB) so that they travel with the working tree to a
-# bare GPU machine; bench/gpu_check.sh points the tests at them. Run here, before sending the tree.
+# Copy the small shared assets into ./shared (git-ignored, ~19 MB) and the test tools' wheels (pytest, hypothesis)
+# so that they travel with the working tree to a bare offline GPU machine; bench/gpu_check.sh points the tests at
+# them. Run here, before sending the tree.
 gpu-bundle:
 	mkdir -p shared/models shared/data
 	cp -r ../shared/models/stories260K ../shared/models/fixture-hd64 shared/models/
 	cp -r ../shared/data/texts shared/data/
+	for v in 3.10 3.11 3.12 3.13; do $(PY) -m pip download -q --only-binary=:all: --python-version $$v \
+	    -d shared/wheels pytest hypothesis || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

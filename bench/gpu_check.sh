@@ -50,10 +50,13 @@ print(json.dumps(info, indent=1))
 PY
 cat "$RESULTS/gpu-env.json"
 
-if ! $PY -c "import pytest" 2>/dev/null; then
+missing=""
+for mod in pytest hypothesis; do $PY -c "import $mod" 2>/dev/null || missing="$missing $mod"; done
+if [ -n "$missing" ]; then  # offline: from wheels carried in the tree (make gpu-bundle puts them in shared/wheels)
   WHEELS=${KVRECALL_WHEELS:-$REPO/bench/wheels}
-  [ -d "$WHEELS" ] && $PY -m pip install --no-index --find-links "$WHEELS" --target "$SHADOW/site" pytest \
-      > "$RESULTS/gpu-pip.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:$SHADOW/site"
+  [ -d "$WHEELS" ] || WHEELS=$REPO/shared/wheels
+  [ -d "$WHEELS" ] && $PY -m pip install --no-index --find-links "$WHEELS" --target "$SHADOW/site" $missing \
+      > "$RESULTS/gpu-pip.log" 2>&1; export PYTHONPATH="$PYTHONPATH:$SHADOW/site"
 fi
 if $PY -c "import pytest" 2>/dev/null; then
   # kernels (their CUDA tests run here, interpreter cases too) and the retrieval cache's Triton path
@@ -62,7 +65,7 @@ if $PY -c "import pytest" 2>/dev/null; then
       tests/test_kernels_rans_decode.py tests/test_retriever_fast_scoring.py tests/test_retrieval_cache.py \
       --junitxml "$RESULTS/gpu-tests.xml"
 else
-  echo "== tests: SKIPPED (no pytest and no wheels in ${KVRECALL_WHEELS:-bench/wheels})" | tee "$RESULTS/gpu-tests.log"
+  echo "== tests: SKIPPED (no pytest and no wheels in ${KVRECALL_WHEELS:-bench/wheels or shared/wheels})" | tee "$RESULTS/gpu-tests.log"
   status=1
 fi
 step kernels 150 $PY bench/kernels.py --quick --json "$RESULTS/gpu-kernels.json"
