@@ -9,14 +9,16 @@ dense (``DynamicCache``, sdpa) vs ours (code scoring) at each budget, oracle top
 resident and offloaded bytes per sequence (codebooks apart), and against dense: next-token KL teacher-forced over
 the last positions, attention mass of the selection (and its ratio to the oracle's), greedy agreement over the
 generated tokens, passcode accuracy (a five-digit number planted at depths 10-90% of a book excerpt, asked
-through the chat template). Quality contexts use real prefills; speed-only contexts (past the model's training
+through the chat template; ``--passcode-budgets`` for accuracy vs budget, ``--passcode-only`` for just those
+runs). Quality contexts use real prefills; speed-only contexts (past the model's training
 length) tile the real KV of the longest quality context (speed and memory do not depend on the values).
 A separate table times scoring + selection per layer per step for each scorer at the speed contexts on one thread.
 
 ``--gpu`` (CUDA machine, run by ``bench/gpu_check.sh``; ``--gpu --smoke`` checks the code path on CPU, no figures):
 attention step per layer per decode step at 32K and 128K, 3%: dense ``scaled_dot_product_attention`` over fp16
-K/V on the GPU vs ours (banded code scoring + top-k + GQA union on the GPU, gather of the selected rows from
-pinned host memory + copy, Triton gathered sparse attention with RoPE in the kernel), CUDA-event medians; and
+K/V on the GPU vs the runtime's own layer step (``RetrievalLayer.attend``: LUT-kernel code scores, candidates
+fetched from the pinned int8 offload store, rescored, selected, attended) and the Triton sparse kernel alone over
+rows already on the device, CUDA-event medians; and
 decode tokens/s of SmolLM2-135M's configuration with random weights (speed does not depend on them), dense vs
 RetrievalCache at 32K.
 """
@@ -303,25 +305,31 @@ def memory_and_breakdown(cache, s_per_tok: float, n_new: int) -> dict:
             "step_ms": step_ms, **per}
 
 
+def passcode_runs(methods, budgets) -> list[tuple[str, float | None]]:
+    """(method, budget) pairs of the passcode runs: dense once, every sparse method at every budget."""
+    return [(m, None) if m == "dense" else (m, b) for m in methods for b in ([None] if m == "dense" else budgets)]
+
+
 def passcode_rows(model, tok, profile, args, T, texts, methods, bar):
-    """Passcode accuracy per method at ``T`` tokens on :func:`kvrecall.passcode.make_cases` (depths 10-90%, chat
-    template, ``ANSWER_TOKENS`` greedy tokens, the first five-digit number of the answer must be the passcode)."""
+    """Passcode accuracy per method and budget (``--passcode-budgets``) at ``T`` tokens on
+    :func:`kvrecall.passcode.make_cases` (depths 10-90%, chat template, ``ANSWER_TOKENS`` greedy tokens, the
+    first five-digit number of the answer must be the passcode). Every run of a case reuses its prefill."""
     from kvrecall.models import prefill_kv
     from kvrecall.passcode import ANSWER_TOKENS, make_cases
 
-    results = {m: [] for m in methods}
+    runs = passcode_runs(methods, args.passcode_budgets)
+    results = {run: [] for run in runs}
     for case in make_cases(tok, texts, args.passcode_cases, T, seed=T):
         prompt = case.input_ids
         kv = prefill_kv(model, prompt[:-1])
-        for method in methods:
-            cache = make_cache(model, profile, method, args.main_budget, args, kv)
+        for method, budget in runs:
+            cache = make_cache(model, profile, method, args.main_budget if budget is None else budget, args, kv)
             toks, _ = greedy(model, cache, prompt, ANSWER_TOKENS)
             restore(model, cache)
-            results[method].append(case.is_correct(tok.decode(toks)))
+            results[(method, budget)].append(case.is_correct(tok.decode(toks)))
             bar.update(1)
-    return [{"context": T, "method": m, "budget": None if m == "dense" else args.main_budget,
-             "passcode_accuracy": sum(v) / len(v), "passcode_cases": len(v), "per_case": v}
-            for m, v in results.items()]
+    return [{"context": T, "method": m, "budget": b, "passcode_accuracy": sum(v) / len(v),
+             "passcode_cases": len(v), "per_case": v} for (m, b), v in results.items()]
 
 
 def speed_rows(model, profile, args, T, kv_real, methods, budgets, bar):
@@ -347,7 +355,7 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     ax = axes[0]
     for key in dict.fromkeys((r["method"], r["budget"]) for r in rows if r.get("tokens_per_s")):
         pts = sorted((r["context"], r["tokens_per_s"]) for r in rows
@@ -361,10 +369,34 @@ def plot(rows, path: Path) -> None:
     ax.legend(fontsize=7)
     ax = axes[1]
     pc = [r for r in rows if "passcode_accuracy" in r]
+    main = {r["budget"] for r in pc if r["method"] != "dense"}
+    main = 0.03 if 0.03 in main else (min(main) if main else None)
     for method in dict.fromkeys(r["method"] for r in pc):
-        pts = sorted((r["context"], r["passcode_accuracy"]) for r in pc if r["method"] == method)
+        pts = sorted((r["context"], r["passcode_accuracy"]) for r in pc
+                     if r["method"] == method and r["budget"] in (None, main))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    ax.set_xlabel("context tokens (budget 3% for sparse methods)")
+    ax.set_xlabel(f"context tokens (budget {100 * (main or 0):g}% for sparse methods)")
+    ax.set_ylabel("passcode accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[2]  # accuracy vs budget, mean over the quality contexts; dense as a line
+    contexts = sorted({r["context"] for r in pc})
+    for method in dict.fromkeys(r["method"] for r in pc):
+        mine = [r for r in pc if r["method"] == method]
+        if method == "dense":
+            if mine:
+                ax.axhline(statistics.mean(r["passcode_accuracy"] for r in mine), color="k", ls="--", label="dense")
+            continue
+        budgets = sorted({r["budget"] for r in mine})
+        ax.plot([100 * b for b in budgets],
+                [statistics.mean(r["passcode_accuracy"] for r in mine if r["budget"] == b) for b in budgets],
+                marker="o", label=method)
+    ax.set_xscale("log")
+    ticks = sorted({100 * r["budget"] for r in pc if r["budget"] is not None})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(f"budget % (mean over contexts {', '.join(str(c) for c in contexts)})")
     ax.set_ylabel("passcode accuracy")
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
@@ -573,6 +605,10 @@ def main(argv=None) -> int:
     ap.add_argument("--speed-only", action="store_true",
                     help="skip the quality and passcode runs (--contexts only sets the real KV tiled for speed)")
     ap.add_argument("--passcode-cases", type=int, default=None)
+    ap.add_argument("--passcode-budgets", type=float, nargs="*", default=None,
+                    help="budgets of the sparse methods' passcode runs (default: --main-budget)")
+    ap.add_argument("--passcode-only", action="store_true",
+                    help="only the passcode runs at the quality contexts (no KL, greedy, speed or scoring table)")
     ap.add_argument("--sinks", type=int, default=8)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -606,6 +642,9 @@ def main(argv=None) -> int:
     args.new_tokens = args.new_tokens or (8 if q else 64)
     args.speed_tokens = args.speed_tokens or (4 if q else 16)
     args.passcode_cases = args.passcode_cases if args.passcode_cases is not None else (1 if q else 10)
+    args.passcode_budgets = args.passcode_budgets or ([args.main_budget, 0.1] if q else [args.main_budget])
+    if args.passcode_only:
+        speed_contexts = []
     model, tok = load_model(model_spec(args.model))
     started = time.perf_counter()
     if args.profile:
@@ -619,12 +658,15 @@ def main(argv=None) -> int:
     methods = args.methods
     n_budgets = len(args.budgets)
     per_ctx = sum(n_budgets if m.startswith("ours") else 1 for m in methods)
-    total = (0 if args.speed_only else len(contexts) * (per_ctx + args.passcode_cases * len(methods))) \
+    n_passcode = args.passcode_cases * len(passcode_runs(methods, args.passcode_budgets))
+    total = (0 if args.speed_only else len(contexts) * ((0 if args.passcode_only else per_ctx) + n_passcode)) \
         + len(speed_contexts) * per_ctx
     rows = []
     with tqdm(total=total, desc="decode bench", unit="run", disable=None) as bar:
         for T in contexts if not args.speed_only else []:
-            rows += quality_for_context(model, tok, profile, args, T, None, eval_ids, methods, args.budgets, bar)
+            if not args.passcode_only:
+                rows += quality_for_context(model, tok, profile, args, T, None, eval_ids, methods, args.budgets,
+                                            bar)
             if args.passcode_cases:
                 rows += passcode_rows(model, tok, profile, args, T, book_texts, methods, bar)
         if speed_contexts:
@@ -636,8 +678,9 @@ def main(argv=None) -> int:
                                    args.budgets, bar)
     recall = [r for T in (contexts if args.scorer_recall else []) for r in recall_rows(model, profile, args, T,
                                                                                         eval_ids)]
-    score_rows = scoring_rows(profile, sorted(set(speed_contexts + [max(contexts)])), args.main_budget,
-                              3 if q else 7, 1, args.rerank, args.rerank_floor)
+    score_rows = [] if args.passcode_only else scoring_rows(profile, sorted(set(speed_contexts + [max(contexts)])),
+                                                            args.main_budget, 3 if q else 7, 1, args.rerank,
+                                                            args.rerank_floor)
     elapsed = time.perf_counter() - started
 
     def f(v, spec):
@@ -661,12 +704,14 @@ def main(argv=None) -> int:
               f"{f(None if resid is None else 100 * resid, '.2f'):>7s} {f(r.get('score_ms'), '.1f'):>6s} "
               f"{f(r.get('select_ms'), '.1f'):>6s} {f(r.get('gather_ms'), '.1f'):>6s} {f(r.get('attend_ms'), '.1f'):>6s} "
               f"{f(r.get('rest_ms'), '.1f'):>6s}")
-    print(f"\n{'ctx':>6s} {'method':13s} passcode accuracy (budget {args.main_budget:g})")
+    print(f"\n{'ctx':>6s} {'method':13s} {'budget':>6s} passcode accuracy")
     for r in rows:
         if "passcode_accuracy" in r:
-            print(f"{r['context']:6d} {r['method']:13s} {r['passcode_accuracy']:.2f} ({r['passcode_cases']} cases)")
+            print(f"{r['context']:6d} {r['method']:13s} {f(r['budget'], '.2f'):>6s} {r['passcode_accuracy']:.2f} "
+                  f"({r['passcode_cases']} cases)")
     print()
-    print_scoring(score_rows)
+    if score_rows:
+        print_scoring(score_rows)
     if recall:
         print(f"\n{'ctx':>6s} {'scorer':10s} {'cands':>6s} {'k':>5s} {'recall':>7s}  share of the oracle's top-k mass "
               "inside the scorer's candidates (sinks, window excluded)")
@@ -682,7 +727,8 @@ def main(argv=None) -> int:
                 "profile_settings": {"kind": profile.settings.kind, "bits": profile.settings.bits,
                                      "rope_mode": profile.settings.rope_mode},
                 "kl_positions": args.kl_positions, "new_tokens": args.new_tokens,
-                "passcode_cases": args.passcode_cases, "elapsed_s": elapsed,
+                "passcode_cases": args.passcode_cases, "passcode_budgets": args.passcode_budgets,
+                "elapsed_s": elapsed,
                 "note": "speed_only rows tile real KV past the longest quality context"}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows, "scoring": score_rows, "recall": recall},
                                         indent=1))
