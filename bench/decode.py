@@ -371,10 +371,12 @@ def plot(rows, path: Path) -> None:
     pc = [r for r in rows if "passcode_accuracy" in r]
     main = {r["budget"] for r in pc if r["method"] != "dense"}
     main = 0.03 if 0.03 in main else (min(main) if main else None)
+    colors = {}
     for method in dict.fromkeys(r["method"] for r in pc):
         pts = sorted((r["context"], r["passcode_accuracy"]) for r in pc
                      if r["method"] == method and r["budget"] in (None, main))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        colors[method] = line.get_color()
     ax.set_xlabel(f"context tokens (budget {100 * (main or 0):g}% for sparse methods)")
     ax.set_ylabel("passcode accuracy")
     ax.set_ylim(-0.05, 1.05)
@@ -386,12 +388,13 @@ def plot(rows, path: Path) -> None:
         mine = [r for r in pc if r["method"] == method]
         if method == "dense":
             if mine:
-                ax.axhline(statistics.mean(r["passcode_accuracy"] for r in mine), color="k", ls="--", label="dense")
+                ax.axhline(statistics.mean(r["passcode_accuracy"] for r in mine), color=colors[method], ls="--",
+                           label="dense")
             continue
         budgets = sorted({r["budget"] for r in mine})
         ax.plot([100 * b for b in budgets],
                 [statistics.mean(r["passcode_accuracy"] for r in mine if r["budget"] == b) for b in budgets],
-                marker="o", label=method)
+                marker="o", label=method, color=colors[method])
     ax.set_xscale("log")
     ticks = sorted({100 * r["budget"] for r in pc if r["budget"] is not None})
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
