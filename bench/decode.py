@@ -474,7 +474,8 @@ def attention_rows(contexts, budget, device, reps, dtype=torch.float16):
         layer = cache.layers[0]
         before = dict(cache.stats()["timings_ms"])  # from_kv's own offload is not a step's
         fetched0 = layer.store.fetched_bytes
-        k1, v1 = torch.randn(1, hkv, 1, d, device=device, dtype=dtype), torch.randn(1, hkv, 1, d, device=device, dtype=dtype)
+        k1 = torch.randn(1, hkv, 1, d, device=device, dtype=dtype)
+        v1 = torch.randn(1, hkv, 1, d, device=device, dtype=dtype)
         ours = timer(lambda: layer.attend(q, k1, v1, None, d ** -0.5), device, reps)
         steps = max(1, cache.selected_steps)
         stages = {name: (ms - before[name]) / steps for name, ms in cache.stats()["timings_ms"].items()
@@ -491,7 +492,8 @@ def attention_rows(contexts, budget, device, reps, dtype=torch.float16):
                                                        gathered=True, validate=False), device, reps)
         rows.append({"context": T, "budget": budget, "selected_per_head": kk, "dense_sdpa_ms": dense,
                      "ours_ms": ours, "ratio": ours / dense, "kernel_only_ms": kernel, "kernel_ratio": kernel / dense,
-                     "stages_ms_per_step": stages, "fetched_bytes_per_step": (layer.store.fetched_bytes - fetched0) / steps,
+                     "stages_ms_per_step": stages,
+                     "fetched_bytes_per_step": (layer.store.fetched_bytes - fetched0) / steps,
                      "device": str(torch.cuda.get_device_name(device)) if device.type == "cuda"
                      else "cpu smoke (not a figure)"})
         print(f"  attention T={T:7d}: dense {dense:.3f} ms, runtime step {ours:.3f} ms (ratio {ours / dense:.2f}), "

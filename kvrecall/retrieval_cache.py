@@ -619,7 +619,8 @@ class RetrievalCache(_RefusesReshaping, Cache):
         the positions seen, shared by every cache of the model, reported apart),
         ``offloaded_bytes`` (the store), ``fetched_bytes`` (rows and their scales read from the stores so far,
         in their stored form, prefill included: on a GPU the bytes copied to it), ``dense_fp16_bytes`` (the same
-        tokens as an fp16 KV cache), ``tokens``, ``batch``, ``mean_selected`` (rows attended per KV head per decode step, averaged over layers and steps),
+        tokens as an fp16 KV cache), ``tokens``, ``batch``, ``mean_selected`` (rows attended per KV head per
+        decode step, averaged over layers and steps),
         ``decode_steps`` and ``timings_ms`` totals: ``score`` (codes -> shortlist), ``gather`` (the shortlist's
         keys read from the store and scored exactly), ``select`` (each head's top-k of those scores, rerank
         only), ``attend`` (softmax, the kept rows' values), ``offload`` (coding and storing rows leaving the
